@@ -1,0 +1,1 @@
+"""Prefix-grouped attention: Triton kernels (``kernel``) and the PyTorch reference (``reference``)."""

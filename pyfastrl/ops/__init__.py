@@ -1,0 +1,1 @@
+"""Ops: torch.library custom ops with autograd over the kernels, and their input checks."""

@@ -1,0 +1,200 @@
+"""``prefix_grouped_attention``: the public op, its input checks and its torch.library custom ops.
+
+Two custom ops, ``pyfastrl::prefix_attention_fwd`` and ``pyfastrl::prefix_attention_bwd``, with
+fake (meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
+the op as one node without graph breaks. Both backends sit behind them (see
+``pyfastrl.kernels.prefix_attention``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyfastrl._backend import resolve_backend
+from pyfastrl.kernels.prefix_attention import reference
+from pyfastrl.layout import PrefixGroupLayout
+
+_OP = "prefix_grouped_attention"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triton_kernels():
+    # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set first.
+    from pyfastrl.kernels.prefix_attention import kernel
+
+    return kernel
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("pyfastrl::prefix_attention_fwd", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_blocks: torch.Tensor,
+    dq_blocks: torch.Tensor,
+    dkdv_blocks: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton_kernels().forward(q, k, v, query_blocks, scale)
+    return reference.forward(q, k, v, query_blocks, scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, backend):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("pyfastrl::prefix_attention_bwd", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    query_blocks: torch.Tensor,
+    dq_blocks: torch.Tensor,
+    dkdv_blocks: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if backend == "triton":
+        return _triton_kernels().backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale)
+    return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, scale, backend):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        torch.empty(v.shape, dtype=v.dtype, device=v.device),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks)
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks = ctx.saved_tensors
+    dq, dk, dv = _backward_op(
+        grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, layout, backend: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            want = "(T, Hq, D)" if name == "q" else "(T, Hkv, D)"
+            raise ValueError(f"{_OP}: {name} must have shape {want}, got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{_OP}: {name} has dtype {t.dtype}; supported: {_DTYPES}")
+        if t.device != q.device:
+            raise ValueError(f"{_OP}: q is on {q.device} but {name} is on {t.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_OP}: q has dtype {q.dtype} but {name} has {t.dtype}; pass one dtype")
+    if not isinstance(layout, PrefixGroupLayout):
+        raise TypeError(f"{_OP}: layout must be a pyfastrl.PrefixGroupLayout, got {type(layout).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"{_OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(
+            f"{_OP}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in T or D"
+        )
+    if num_heads % k.shape[1] != 0:
+        raise ValueError(
+            f"{_OP}: the number of query heads ({num_heads}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[1]})"
+        )
+    if num_tokens != layout.total_tokens:
+        raise ValueError(f"{_OP}: q has T={num_tokens} tokens but layout.total_tokens is {layout.total_tokens}")
+    if layout.device != q.device:
+        raise ValueError(
+            f"{_OP}: layout is on {layout.device} but q is on {q.device}; "
+            "build it with PrefixGroupLayout(..., device=q.device) or use layout.to(q.device)"
+        )
+    if backend == "triton":
+        kernel = _triton_kernels()
+        if q.dtype not in kernel.SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
+            )
+        if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
+            raise ValueError(
+                f"{_OP}: backend 'triton' needs a head dim that is a multiple of 16 and at most "
+                f"{kernel.MAX_HEAD_DIM}, got D={head_dim}; use backend='torch'"
+            )
+
+
+def prefix_grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PrefixGroupLayout,
+    *,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention over a packed shared-prefix batch, as if every prompt were repeated.
+
+    Each prefix token attends causally within its prefix; each suffix token attends to its whole
+    group prefix and causally within its own suffix. Forward values and gradients equal those of
+    running every member's ``[prefix; suffix]`` as its own causal sequence (the repeated batch),
+    with the prefix gradients summed over members.
+
+    Args:
+        q: ``(T, Hq, D)`` queries, T = ``layout.total_tokens``.
+        k, v: ``(T, Hkv, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head h reads
+            kv head ``h // (Hq // Hkv)``). Same dtype (fp16, bf16, fp32; fp64 on the torch
+            backend) and device as q. Any strides with a unit-stride head dim are read in place.
+        layout: the batch's ``PrefixGroupLayout``, on q's device.
+        softmax_scale: score scale; default ``D ** -0.5``.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
+            ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
+    """
+    # The backend name must be settled before the checks that depend on it.
+    if isinstance(q, torch.Tensor):
+        backend = resolve_backend(_OP, backend, q.device)
+    _check_inputs(q, k, v, layout, backend)
+    head_dim = q.shape[2]
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"{_OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+    if backend == "triton":
+        block_fwd, block_dq, block_dkdv = _triton_kernels().block_sizes(head_dim)
+        query_blocks = layout.query_blocks(block_fwd)
+        dq_blocks = layout.query_blocks(block_dq)
+        dkdv_blocks = layout.key_blocks(block_dkdv)
+    else:
+        query_blocks = dq_blocks = dkdv_blocks = layout.query_blocks(None)
+    out, _ = _forward_op(q, k, v, query_blocks, dq_blocks, dkdv_blocks, float(softmax_scale), backend)
+    return out

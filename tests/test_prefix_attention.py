@@ -1,0 +1,217 @@
+"""prefix_grouped_attention vs the spec's naive repeated-prefix attention (F_naive), every backend.
+
+Without CUDA the Triton kernels run through Triton's interpreter (conftest.py), forward and backward.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE
+from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
+from pyfastrl._backend import BACKEND_ENV, resolve_backend
+from pyfastrl.kernels.prefix_attention.reference import repeated_prefix_attention
+from pyfastrl.ops.prefix_attention import _forward_op
+
+LAYOUTS = {
+    "one_group_one_member_len1": ([1], [[1]]),
+    "prefix1": ([1], [[3, 1, 5]]),
+    "suffix1": ([7], [[1, 1, 1]]),
+    "ragged_many_groups": ([5, 17, 1, 9], [[3, 9], [1, 20, 4], [6], [2, 2, 2, 2, 2]]),
+    "multi_block": ([40], [[33, 17]]),
+}
+
+
+def make_inputs(layout, num_heads, num_kv_heads, head_dim, dtype, device=DEVICE):
+    shape_q = (layout.total_tokens, num_heads, head_dim)
+    shape_kv = (layout.total_tokens, num_kv_heads, head_dim)
+    q = torch.randn(shape_q, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(shape_kv, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(shape_kv, dtype=dtype, device=device, requires_grad=True)
+    return q, k, v
+
+
+def reference_and_grads(q, k, v, layout, grad_out, scale=None):
+    """F_naive in float64 and autograd's dq, dk, dv of it."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = repeated_prefix_attention(q64, k64, v64, layout.to(q.device), scale)
+    return (out, *torch.autograd.grad(out, (q64, k64, v64), grad_out.double()))
+
+
+def grouped_and_grads(q, k, v, layout, grad_out, **kwargs):
+    out = prefix_grouped_attention(q, k, v, layout, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def assert_close(got, want, atol, rtol=0.0):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_torch_backend_float64_equals_repeated_prefix(name, gqa):
+    layout = PrefixGroupLayout(*LAYOUTS[name], device=DEVICE)
+    q, k, v = make_inputs(layout, 4, 4 // gqa, 16, torch.float64)
+    grad_out = torch.randn_like(q)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="torch")
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out), atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name, gqa, head_dim",
+    [
+        ("one_group_one_member_len1", 1, 16),
+        ("prefix1", 2, 32),
+        ("suffix1", 4, 16),
+        ("ragged_many_groups", 2, 16),
+        ("ragged_many_groups", 4, 48),  # head dim padded up to the next power of two
+        ("multi_block", 1, 32),
+    ],
+)
+def test_triton_float32_equals_repeated_prefix(name, gqa, head_dim):
+    layout = PrefixGroupLayout(*LAYOUTS[name], device=DEVICE)
+    q, k, v = make_inputs(layout, 4, 4 // gqa, head_dim, torch.float32)
+    grad_out = torch.randn_like(q)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="triton")
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision_as_accurate_as_torch_backend(dtype):
+    """Half-precision inputs: the kernels' error vs float64 is within the torch backend's own error
+    on the same inputs plus one ulp of the dtype at the tensor's scale: both accumulate in fp32,
+    but the kernels (as FlashAttention) round P and dS to the input dtype before their matmuls."""
+    layout = PrefixGroupLayout(*LAYOUTS["ragged_many_groups"], device=DEVICE)
+    q, k, v = make_inputs(layout, 4, 2, 32, dtype)
+    grad_out = torch.randn_like(q)
+    want = reference_and_grads(q, k, v, layout, grad_out)
+    kernel = grouped_and_grads(q, k, v, layout, grad_out, backend="triton")
+    plain = grouped_and_grads(q, k, v, layout, grad_out, backend="torch")
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), kernel, plain, want):
+        assert a.dtype == dtype
+        kernel_err = (a.double() - w).abs().max().item()
+        plain_err = (b.double() - w).abs().max().item()
+        bound = 2 * plain_err + torch.finfo(dtype).eps * w.abs().max().item()
+        assert kernel_err <= bound, (name, kernel_err, plain_err)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_inputs(backend):
+    """Head-major projections (unit-stride head dim) are read in place; others are copied."""
+    layout = PrefixGroupLayout(*LAYOUTS["ragged_many_groups"], device=DEVICE)
+    T = layout.total_tokens
+    q = torch.randn(4, T, 16, device=DEVICE).transpose(0, 1).requires_grad_()  # (T, H, D), not contiguous
+    k = torch.randn(T, 16, 2, device=DEVICE).transpose(1, 2).requires_grad_()  # head dim stride != 1
+    v = torch.randn(T, 2, 32, device=DEVICE)[:, :, ::2].requires_grad_()  # strided head dim
+    grad_out = torch.randn(T, 4, 16, device=DEVICE)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend=backend)
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out), atol=1e-4, rtol=1e-4)
+
+
+def test_custom_scale_and_gradcheck_float64():
+    layout = PrefixGroupLayout([3, 2], [[2, 1], [3]], device=DEVICE)
+    q, k, v = make_inputs(layout, 2, 1, 8, torch.float64)
+    grad_out = torch.randn_like(q)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="torch", softmax_scale=0.7)
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out, scale=0.7), atol=1e-10)
+    fn = lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend="torch", softmax_scale=0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_custom_op_registration_passes_opcheck():
+    layout = PrefixGroupLayout([3, 2], [[2, 1], [3]])
+    q, k, v = make_inputs(layout, 2, 1, 16, torch.float32, device="cpu")
+    blocks = layout.query_blocks(None)
+    torch.library.opcheck(_forward_op, (q, k, v, blocks, blocks, blocks, 0.25, "torch"))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layout = PrefixGroupLayout(*LAYOUTS["ragged_many_groups"])
+    q, k, v = make_inputs(layout, 4, 2, 16, torch.float32, device="cpu")
+
+    def loss(q, k, v):
+        return prefix_grouped_attention(q, k, v, layout, backend="torch").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager_grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_backend_and_environment_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend("op", "auto", cpu) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "triton")  # the interpreter is on in this test run
+    assert resolve_backend("op", "auto", cpu) == "triton"
+    assert resolve_backend("op", "torch", cpu) == "torch"  # an explicit choice wins
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        resolve_backend("op", "auto", cpu)
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layout = PrefixGroupLayout([2], [[1]])
+    q, k, v = make_inputs(layout, 2, 2, 16, torch.float32, device="cpu")
+    with pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        prefix_grouped_attention(q, k, v, layout, backend="triton")
+
+
+def _bad_input_cases():
+    layout = PrefixGroupLayout([3], [[2, 1]])  # T = 6
+    T = layout.total_tokens
+    q = torch.randn(T, 4, 16)
+    kv = torch.randn(T, 2, 16)
+    return [
+        ("rank", (q[0], kv, kv, layout, {}), ValueError, r"q must have shape \(T, Hq, D\)"),
+        ("dtype", (q.long(), kv.long(), kv.long(), layout, {}), TypeError, "q has dtype torch.int64"),
+        ("mixed dtypes", (q, kv.double(), kv, layout, {}), TypeError, "k has"),
+        ("device", (q, kv.to("meta"), kv, layout, {}), ValueError, "k is on meta"),
+        ("gqa", (q, torch.randn(T, 3, 16), torch.randn(T, 3, 16), layout, {}), ValueError, "multiple"),
+        ("k vs v", (q, kv, torch.randn(T, 1, 16), layout, {}), ValueError, "same shape"),
+        ("T", (q[:5], kv[:5], kv[:5], layout, {}), ValueError, "total_tokens is 6"),
+        ("head dim", (q, torch.randn(T, 2, 8), torch.randn(T, 2, 8), layout, {}), ValueError, "in T or D"),
+        ("layout type", (q, kv, kv, [3, 2, 1], {}), TypeError, "PrefixGroupLayout"),
+        ("layout device", (q, kv, kv, layout.to("meta"), {}), ValueError, "layout is on meta"),
+        ("scale", (q, kv, kv, layout, {"softmax_scale": -1.0}), ValueError, "softmax_scale"),
+        ("backend", (q, kv, kv, layout, {"backend": "cuda"}), ValueError, "backend must be one of"),
+        ("triton fp64", (q.double(), kv.double(), kv.double(), layout, {"backend": "triton"}), TypeError,
+         "backend='torch'"),
+        ("triton head dim", (torch.randn(T, 4, 24), torch.randn(T, 2, 24), torch.randn(T, 2, 24), layout,
+                             {"backend": "triton"}), ValueError, "multiple of 16"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_input_cases(), ids=lambda c: c[0])
+def test_bad_input_raises_clear_error(case):
+    _, (q, k, v, layout, kwargs), error, match = case
+    with pytest.raises(error, match=match):
+        prefix_grouped_attention(q, k, v, layout, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_compiled_kernels_at_realistic_sizes(dtype, head_dim):
+    layout = PrefixGroupLayout([1000, 77], [[300, 129, 1, 450], [64] * 8], device="cuda")
+    q, k, v = make_inputs(layout, 8, 2, head_dim, dtype, device="cuda")
+    grad_out = torch.randn_like(q)
+    want = reference_and_grads(q, k, v, layout, grad_out)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="triton")
+    plain = grouped_and_grads(q, k, v, layout, grad_out, backend="torch")
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), got, plain, want):
+        kernel_err = (a.double() - w).abs().max().item()
+        plain_err = (b.double() - w).abs().max().item()
+        bound = 2 * plain_err + torch.finfo(dtype).eps * w.abs().max().item()
+        assert kernel_err <= bound, (name, kernel_err, plain_err)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_is_triton_and_compiles():
+    layout = PrefixGroupLayout([256], [[128] * 4], device="cuda")
+    q, k, v = make_inputs(layout, 8, 2, 128, torch.bfloat16, device="cuda")
+    assert resolve_backend("op", "auto", q.device) == "triton"
+    fn = torch.compile(lambda q, k, v: prefix_grouped_attention(q, k, v, layout), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), prefix_grouped_attention(q, k, v, layout, backend="triton"))
