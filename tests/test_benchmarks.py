@@ -1,0 +1,61 @@
+"""The benchmark's peers must compute the same attention as our op, or its ratios mean nothing.
+Timing needs a GPU; the set-up of every method is checked here on CPU (forward only: FlexAttention
+has no CPU backward)."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from pyfastrl import PrefixGroupLayout
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_prefix_attention_peers_compute_the_same_attention():
+    bench = load_benchmark("prefix_attention")
+    layout = PrefixGroupLayout([20, 9], [[5, 7, 3], [4, 4]])  # ragged: the naive batch needs padding
+    q = torch.randn(layout.total_tokens, 4, 16)
+    k, v = torch.randn(2, layout.total_tokens, 2, 16)
+    methods = bench.build_methods(layout, q, k, v, flex_compiled=False)
+    assert set(methods) == {"pyfastrl", "sdpa_repeated", "flex"}
+    want = None
+    for name, (inputs, fn, to_packed) in methods.items():
+        got = to_packed(fn(*inputs))
+        want = got if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_prefix_attention_flex_mask_is_the_attention_rule():
+    from test_layout import allowed_pairs
+
+    bench = load_benchmark("prefix_attention")
+    layout = PrefixGroupLayout([5, 17, 1], [[3, 9], [1, 20, 4], [6]])
+    padded = layout.total_tokens + 7
+    idx = torch.arange(padded)
+    mask = bench.shared_prefix_mask_mod(layout, padded)(0, 0, idx[:, None], idx[None, :])
+    total = layout.total_tokens
+    assert torch.equal(mask[:total, :total], allowed_pairs(layout))
+    assert not mask[total:, :total].any() and not mask[:total, total:].any()  # padding stays apart
+
+
+def test_prefix_attention_useful_flops_follow_the_spec():
+    bench = load_benchmark("prefix_attention")
+    layout = PrefixGroupLayout([4096], [[512] * 16])
+    assert bench.useful_flops(layout, 32, 128, backward=False) == 4 * 128 * 32 * layout.attention_pairs
+    assert bench.useful_flops(layout, 32, 128, backward=True) == 3.5 * 4 * 128 * 32 * layout.attention_pairs
+
+
+def test_prefix_attention_benchmark_without_gpu_exits_cleanly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only message")
+    assert load_benchmark("prefix_attention").main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out

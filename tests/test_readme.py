@@ -1,0 +1,22 @@
+"""The README's code must run as written."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_api_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        namespace = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["T"] == 28 and namespace["out"].shape == (28, 8, 64)
+    assert namespace["q"].grad is not None
+
+
+def test_readme_commands_match_ci():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -r requirements-cpu.txt -e . && python -m pytest" in readme
+    assert "pip install -r requirements-cpu.txt -e .\npython -m pytest" in ci
