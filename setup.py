@@ -16,6 +16,7 @@ setup(
     packages=[
         "pyfastrl",
         "pyfastrl.ops",
+        "pyfastrl.integrations",
         "pyfastrl.kernels",
         "pyfastrl.kernels.prefix_attention",
     ],

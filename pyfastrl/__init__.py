@@ -3,9 +3,20 @@
 Public API:
     PrefixGroupLayout         -- the packed shared-prefix batch layout (built once per batch)
     prefix_grouped_attention  -- attention over that layout, equal to repeating every prompt
+    verify_equivalence        -- model-level check: grouped vs repeated batch on a transformers model
+                                 (pyfastrl.integrations.transformers; imports transformers on first use)
 """
 from pyfastrl.layout import PrefixGroupLayout
 from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 
 __version__ = "0.1.0"
-__all__ = ["PrefixGroupLayout", "prefix_grouped_attention", "__version__"]
+__all__ = ["PrefixGroupLayout", "prefix_grouped_attention", "verify_equivalence", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so that importing pyfastrl does not import transformers.
+    if name == "verify_equivalence":
+        from pyfastrl.integrations.transformers import verify_equivalence
+
+        return verify_equivalence
+    raise AttributeError(f"module 'pyfastrl' has no attribute {name!r}")
