@@ -18,15 +18,14 @@ Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from common import environment
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -171,15 +170,6 @@ def run_case(prefix: int, suffix: int, group: int, device: torch.device) -> dict
     return case
 
 
-def _git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _print_table(cases: list[dict]) -> None:
     print(f"\n{'P':>5} {'S':>5} {'G':>3} | {'method':<14}| {'fwd ms':>8} {'TFLOP/s':>8} | "
           f"{'f+b ms':>8} {'TFLOP/s':>8} | {'peak MiB':>9} | {'f+b speedup of pyfastrl':>24}")
@@ -204,8 +194,6 @@ def main(argv=None) -> int:
         print("benchmarks/prefix_attention.py needs a CUDA GPU (none visible): nothing measured.")
         return 0
     device = torch.device("cuda")
-    import triton
-
     grid = QUICK_GRID if args.quick else FULL_GRID
     cases = []
     for i, (p, s, g) in enumerate(grid):
@@ -213,12 +201,7 @@ def main(argv=None) -> int:
         cases.append(run_case(p, s, g, device))
     report = {
         "benchmark": "prefix_attention",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(),
         "config": {"dtype": "bfloat16", "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM},
         "cases": cases,
     }

@@ -3,6 +3,7 @@ Timing needs a GPU; the set-up of every method is checked here on CPU (forward o
 has no CPU backward)."""
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name):
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as `python benchmarks/<name>.py`
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -54,8 +57,20 @@ def test_prefix_attention_useful_flops_follow_the_spec():
     assert bench.useful_flops(layout, 32, 128, backward=True) == 3.5 * 4 * 128 * 32 * layout.attention_pairs
 
 
-def test_prefix_attention_benchmark_without_gpu_exits_cleanly(capsys):
+def test_model_step_token_ratio_bound_matches_spec_example():
+    bench = load_benchmark("model_step")
+    assert bench.token_ratio_bound(4096, 512, 16) == 73_728 / 12_288 == 6.0
+
+
+@pytest.mark.parametrize("name", ["prefix_attention", "model_step"])
+def test_benchmarks_without_gpu_exit_cleanly(name, capsys):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only message")
-    assert load_benchmark("prefix_attention").main([]) == 0
+    assert load_benchmark(name).main([]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_environment_record_names_versions_and_commit():
+    env = load_benchmark("common").environment()
+    assert set(env) >= {"gpu", "torch", "triton", "transformers", "commit", "date"}
+    assert len(env["commit"]) == 40 or env["commit"] == "unknown"

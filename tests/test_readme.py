@@ -8,11 +8,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_readme_api_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
+    results = []
     for block in blocks:
         namespace = {}
         exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["T"] == 28 and namespace["out"].shape == (28, 8, 64)
-    assert namespace["q"].grad is not None
+        results.append(namespace)
+    api, model = results
+    assert api["T"] == 28 and api["out"].shape == (28, 8, 64)
+    assert api["q"].grad is not None
+    assert model["logprobs"].shape == (3, 3) and model["mask"].sum().item() == 6
 
 
 def test_readme_commands_match_ci():

@@ -1,0 +1,37 @@
+"""What every benchmark result records beside its numbers: the GPU, the versions and the commit."""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """GPU name, package versions, CUDA version, git commit and UTC date of this run."""
+    def installed(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "triton": installed("triton"),
+        "transformers": installed("transformers"),
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
