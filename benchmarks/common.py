@@ -1,6 +1,7 @@
 """What every benchmark result records beside its numbers: the GPU, the versions and the commit."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import subprocess
@@ -35,3 +36,16 @@ def environment() -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def parse_args_or_skip(argv, doc: str, script: str, quick_help: str):
+    """The benchmarks' shared options (``--quick``, ``--out``). Returns None, after saying so, when no
+    CUDA GPU is visible: benchmarks measure GPU kernels only."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"benchmarks/{script} needs a CUDA GPU (none visible): nothing measured.")
+        return None
+    return args

@@ -11,14 +11,13 @@ G(P+S)/(P+GS), and peak memory. Needs a CUDA GPU: on a CPU-only machine it says 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
-from common import environment
+from common import environment, parse_args_or_skip
 from pyfastrl.integrations import transformers as pft
 
 MODEL_SHAPE = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -53,12 +52,8 @@ def _step_ms_and_peak(model, batch, implementation: str) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two cases: (P, G) = (1024, 4) and (4096, 16)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/model_step.py needs a CUDA GPU (none visible): nothing measured.")
+    args = parse_args_or_skip(argv, __doc__, "model_step.py", "two cases: (P, G) = (1024, 4) and (4096, 16)")
+    if args is None:
         return 0
     import transformers
 

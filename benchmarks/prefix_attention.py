@@ -17,7 +17,6 @@ Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import environment
+from common import environment, parse_args_or_skip
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -186,12 +185,8 @@ def _print_table(cases: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two cases only: P/S/G = 1024/256/4 and 4096/512/16")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/prefix_attention.py needs a CUDA GPU (none visible): nothing measured.")
+    args = parse_args_or_skip(argv, __doc__, "prefix_attention.py", "two cases only: P/S/G = 1024/256/4 and 4096/512/16")
+    if args is None:
         return 0
     device = torch.device("cuda")
     grid = QUICK_GRID if args.quick else FULL_GRID

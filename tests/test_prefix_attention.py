@@ -179,6 +179,8 @@ def _bad_input_cases():
         ("backend", (q, kv, kv, layout, {"backend": "cuda"}), ValueError, "backend must be one of"),
         ("triton fp64", (q.double(), kv.double(), kv.double(), layout, {"backend": "triton"}), TypeError,
          "backend='torch'"),
+        ("triton 32-bit offsets", (torch.empty(16, 2**31 // 256, 16, device="meta"),) * 3
+         + (PrefixGroupLayout([15], [[1]], device="meta"), {"backend": "triton"}), ValueError, "32-bit offsets"),
         ("triton head dim", (torch.randn(T, 4, 24), torch.randn(T, 2, 24), torch.randn(T, 2, 24), layout,
                              {"backend": "triton"}), ValueError, "multiple of 16"),
     ]

@@ -62,6 +62,40 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _query_block(BLOCKS, Q, stride_qt, stride_qh, head,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query-block row (see PrefixGroupLayout.query_blocks), its row and head-dim
+    offsets and masks, and its query tile."""
+    row = BLOCKS + tl.program_id(0) * 5
+    q_start = tl.load(row)
+    q_end = tl.load(row + 1)
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_end
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    return q_end, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), offs_m, offs_d, m_valid, d_valid, q
+
+
+@triton.jit
+def _key_range(PHASE: tl.constexpr, q_end, causal_start, full_start, full_end):
+    """Keys of a query block: phase 0 the group's prefix, seen whole by suffix rows (empty for
+    prefix rows); phase 1 the block's own segment up to its last row, causal."""
+    if PHASE == 0:
+        return full_start, full_end
+    return causal_start, q_end
+
+
+@triton.jit
+def _key_tile_mask(PHASE: tl.constexpr, offs_m, offs_n, hi):
+    keep = (offs_n < hi)[None, :]
+    if PHASE == 1:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    return keep
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, O, LSE, BLOCKS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -69,21 +103,10 @@ def _forward_kernel(
     REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    row = BLOCKS + tl.program_id(0) * 5
     head = tl.program_id(1)
     kv_head = head // REP
-    q_start = tl.load(row)
-    q_end = tl.load(row + 1)
-    causal_start = tl.load(row + 2)
-    full_start = tl.load(row + 3)
-    full_end = tl.load(row + 4)
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_end
-    d_valid = offs_d < HEAD_DIM
-    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_block(
+        BLOCKS, Q, stride_qt, stride_qh, head, HEAD_DIM, BLOCK_D, BLOCK_M)
     k_base = K + kv_head * stride_kh + offs_d[:, None]
     v_base = V + kv_head * stride_vh + offs_d[None, :]
 
@@ -92,24 +115,14 @@ def _forward_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Pass 0: the group's prefix, seen whole by suffix rows (empty for prefix rows).
-    # Pass 1: the block's own segment, causal.
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo = full_start
-            hi = full_end
-        else:
-            lo = causal_start
-            hi = q_end
+        lo, hi = _key_range(phase, q_end, causal_start, full_start, full_end)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_valid = offs_n < hi
             kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
             s = _dot(q, kt, UPCAST, PRECISION) * scale_log2
-            keep = n_valid[None, :]
-            if phase == 1:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_key_tile_mask(phase, offs_m, offs_n, hi), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -199,21 +212,11 @@ def _backward_dq_kernel(
     REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    row = BLOCKS + tl.program_id(0) * 5
     head = tl.program_id(1)
     kv_head = head // REP
-    q_start = tl.load(row)
-    q_end = tl.load(row + 1)
-    causal_start = tl.load(row + 2)
-    full_start = tl.load(row + 3)
-    full_end = tl.load(row + 4)
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_end
-    d_valid = offs_d < HEAD_DIM
+    q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_block(
+        BLOCKS, Q, stride_qt, stride_qh, head, HEAD_DIM, BLOCK_D, BLOCK_M)
     qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
     lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * _LOG2E
     delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
@@ -222,22 +225,14 @@ def _backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     for phase in tl.static_range(2):
-        if phase == 0:
-            lo = full_start
-            hi = full_end
-        else:
-            lo = causal_start
-            hi = q_end
+        lo, hi = _key_range(phase, q_end, causal_start, full_start, full_end)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < hi
-            dn_mask = d_valid[:, None] & n_valid[None, :]
+            dn_mask = d_valid[:, None] & (offs_n < hi)[None, :]
             kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=dn_mask, other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * stride_vt, mask=dn_mask, other=0.0)
             s = _dot(q, kt, UPCAST, PRECISION) * scale_log2
-            keep = m_valid[:, None] & n_valid[None, :]
-            if phase == 1:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            keep = m_valid[:, None] & _key_tile_mask(phase, offs_m, offs_n, hi)
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
             ds = p * (_dot(do, vt, UPCAST, PRECISION) - delta[:, None])
             dq += _dot(ds.to(kt.dtype), tl.trans(kt), UPCAST, PRECISION)

@@ -142,6 +142,12 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
             )
+        largest = max(q.numel(), k.numel())
+        if largest >= 2**31:
+            raise ValueError(
+                f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v with {largest:,} elements "
+                "(>= 2**31) must be split into several layouts"
+            )
         if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
             raise ValueError(
                 f"{_OP}: backend 'triton' needs a head dim that is a multiple of 16 and at most "
