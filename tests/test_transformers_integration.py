@@ -193,3 +193,13 @@ def test_verify_local_model_directory(tmp_path):
     pft.tiny_model("tiny-qwen2").save_pretrained(tmp_path)
     report = pft.verify_equivalence(str(tmp_path), group_size=2, prompt_len=10, completion_len=5, device="cpu")
     assert report.passed, report.summary()
+
+
+def test_verify_gives_a_loaded_model_its_state_back():
+    model = pft.tiny_model("tiny-mistral").eval()
+    model.set_attn_implementation("sdpa")
+    report = pft.verify_equivalence(model, group_size=2, prompt_len=10, completion_len=5,
+                                    gradient_checkpointing=True)
+    assert report.passed, report.summary()
+    assert not model.training and not model.is_gradient_checkpointing
+    assert model.config._attn_implementation == "sdpa"

@@ -413,7 +413,9 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
             loaded ``PreTrainedModel``.
         group_size, num_prompts: completions per prompt and prompts. prompt_len, completion_len:
             longest lengths; actual lengths are drawn from [len/2, len].
-        dtype: model dtype when loading (ignored for a loaded model). device: default CUDA if available.
+        dtype: model dtype when loading (ignored for a loaded model). device: default the loaded
+            model's device, else CUDA if available. A loaded model gets its attention implementation,
+            train/eval mode and gradient-checkpointing setting back afterwards; its gradients are cleared.
         padding_side: padding of the repeated batch. tolerance: relative, default ``TOLERANCES[dtype]``.
     """
     import time
@@ -421,6 +423,8 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
     if group_size < 1 or num_prompts < 1 or prompt_len < 1 or completion_len < 1:
         raise ValueError("group_size, num_prompts, prompt_len and completion_len must be >= 1")
     register()
+    if device is None and not isinstance(model, str):
+        device = next(model.parameters()).device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, str):
         name = model
@@ -442,7 +446,8 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
     model.to(device)
     dtype = next(model.parameters()).dtype
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-    if gradient_checkpointing:
+    was_training, was_checkpointing = model.training, model.is_gradient_checkpointing
+    if gradient_checkpointing and not was_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
 
@@ -476,6 +481,9 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
         lp_grp, grads_grp, sec_grp = step(grouped, ATTN_IMPLEMENTATION)
     finally:
         model.set_attn_implementation(original)
+        model.train(was_training)
+        if gradient_checkpointing and not was_checkpointing:
+            model.gradient_checkpointing_disable()
 
     def rel(diff, ref):
         return diff / max(ref.abs().max().item(), 1e-30)
