@@ -181,6 +181,9 @@ def _bad_input_cases():
          "backend='torch'"),
         ("triton 32-bit offsets", (torch.empty(16, 2**31 // 256, 16, device="meta"),) * 3
          + (PrefixGroupLayout([15], [[1]], device="meta"), {"backend": "triton"}), ValueError, "32-bit offsets"),
+        # A small view whose strides reach far into its buffer: its numel() alone would pass.
+        ("triton 32-bit strides", (torch.empty(16, 2**27, 16, device="meta")[:, :4],) * 3
+         + (PrefixGroupLayout([15], [[1]], device="meta"), {"backend": "triton"}), ValueError, "32-bit offsets"),
         ("triton head dim", (torch.randn(T, 4, 24), torch.randn(T, 2, 24), torch.randn(T, 2, 24), layout,
                              {"backend": "triton"}), ValueError, "multiple of 16"),
     ]

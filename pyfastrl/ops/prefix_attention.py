@@ -142,11 +142,13 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
             )
-        largest = max(q.numel(), k.numel())
+        # The kernels index through the strides: a view into a larger buffer (e.g. a fused QKV
+        # projection) reaches offsets beyond its own numel().
+        largest = max(sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in (q, k, v))
         if largest >= 2**31:
             raise ValueError(
-                f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v with {largest:,} elements "
-                "(>= 2**31) must be split into several layouts"
+                f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,} "
+                "(>= 2**31): split the batch into several layouts"
             )
         if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
             raise ValueError(
