@@ -64,6 +64,10 @@ class PrefixGroupLayout:
             of each group's members; groups may have different sizes.
         device: where the index tensors live; must be the device of the attention inputs.
 
+    Attributes:
+        total_tokens: T, tokens in the packed batch.
+        longest_sequence: the longest ``P_g + S_gi``, i.e. the longest repeated-layout sequence.
+
     Attributes (tensors on ``device``):
         position_ids: ``(T,)`` int64. Prefix tokens ``0..P_g-1``; suffix ``(g, i)`` tokens
             ``P_g..P_g+S_gi-1``, so every token gets the rotary phase it has in the repeated layout.
@@ -107,6 +111,8 @@ class PrefixGroupLayout:
                 repeated_cu.append(seq_start + plen + slen)
                 cursor += slen
         self.total_tokens = cursor
+        # Longest P_g + S_gi (a repeated-layout sequence); read by every layer's sliding-window check.
+        self.longest_sequence = max(p + max(ss) for p, ss in zip(self.prefix_lens, self.suffix_lens))
         self._segments = segments
         self._group_ends = {}  # packed start of a prefix -> end of its group (all of its suffixes)
         for g, p0 in enumerate(prefix_starts):

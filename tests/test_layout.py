@@ -32,6 +32,7 @@ def test_sizes_and_position_ids():
     assert layout.suffix_starts.tolist() == [3, 5, 8]
     assert layout.member_group.tolist() == [0, 0, 1]
     assert layout.repeated_tokens == (3 + 2) + (3 + 1) + (2 + 4)
+    assert layout.longest_sequence == 2 + 4
 
 
 def test_index_maps_rebuild_the_repeated_layout():

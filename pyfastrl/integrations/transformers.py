@@ -55,14 +55,12 @@ def _grouped_attention(module, query, key, value, attention_mask, layout, scalin
             "supported by prefix_grouped_attention yet; set config.attn_logit_softcapping=None or use 'sdpa'"
         )
     window = kwargs.get("sliding_window")
-    if window is not None:
-        longest = max(p + s for p, ss in zip(layout.prefix_lens, layout.suffix_lens) for s in ss)
-        if longest > window:
-            raise NotImplementedError(
-                f"sliding-window attention (window {window}) binds for sequences of {longest} tokens "
-                "(prompt + completion), which prefix grouping does not implement; keep prompt + completion "
-                f"<= {window} tokens or use 'sdpa'"
-            )
+    if window is not None and layout.longest_sequence > window:
+        raise NotImplementedError(
+            f"sliding-window attention (window {window}) binds for sequences of {layout.longest_sequence} "
+            "tokens (prompt + completion), which prefix grouping does not implement; keep prompt + completion "
+            f"<= {window} tokens or use 'sdpa'"
+        )
     # (1, H, T, D) -> (T, H, D) views with a unit-stride head dim: read in place, no copy.
     out = prefix_grouped_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, softmax_scale=scaling
@@ -168,7 +166,8 @@ class RepeatedBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
-def _validated_ids(prompt_ids, completion_ids):
+def _validated_ids(prompt_ids, completion_ids, device):
+    """Checked prompts and completions on the CPU, and the batch's device (default: the prompts')."""
     if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
         raise ValueError("prompt_ids must be a non-empty list of 1-D LongTensors (one per prompt)")
     if not isinstance(completion_ids, (list, tuple)) or len(completion_ids) != len(prompt_ids):
@@ -188,7 +187,8 @@ def _validated_ids(prompt_ids, completion_ids):
                 raise ValueError(f"completion_ids[{g}][{i}] must be a 1-D LongTensor")
             if completion.numel() == 0:
                 raise ValueError(f"completion_ids[{g}][{i}] is empty (zero-length completion)")
-    return [p.cpu() for p in prompt_ids], [[c.cpu() for c in cs] for cs in completion_ids]
+    device = prompt_ids[0].device if device is None else torch.device(device)
+    return [p.cpu() for p in prompt_ids], [[c.cpu() for c in cs] for cs in completion_ids], device
 
 
 def build_grouped_batch(prompt_ids, completion_ids, *, device=None) -> GroupedBatch:
@@ -199,8 +199,7 @@ def build_grouped_batch(prompt_ids, completion_ids, *, device=None) -> GroupedBa
         completion_ids: list (per prompt) of lists of 1-D LongTensors (G ragged completions each).
         device: where the batch lives (default: the prompts' device).
     """
-    device = torch.device(device) if device is not None else prompt_ids[0].device if prompt_ids else None
-    prompts, completions = _validated_ids(prompt_ids, completion_ids)
+    prompts, completions, device = _validated_ids(prompt_ids, completion_ids, device)
     layout = PrefixGroupLayout([p.numel() for p in prompts], [[c.numel() for c in cs] for cs in completions],
                                device=device)
     pieces, logit_index, targets = [], [], []
@@ -232,8 +231,7 @@ def build_repeated_batch(prompt_ids, completion_ids, *, padding_side="right", pa
     padded on ``padding_side`` ("left" or "right") with ``pad_token_id``."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    device = torch.device(device) if device is not None else prompt_ids[0].device if prompt_ids else None
-    prompts, completions = _validated_ids(prompt_ids, completion_ids)
+    prompts, completions, device = _validated_ids(prompt_ids, completion_ids, device)
     rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
     width = max(p.numel() + c.numel() for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
