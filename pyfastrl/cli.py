@@ -194,11 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         for name in ("group_size", "suffix_len", "heads", "kv_heads", "head_dim"):
             if getattr(args, name) < 1:
-                build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
+                parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
