@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -49,3 +50,15 @@ def parse_args_or_skip(argv, doc: str, script: str, quick_help: str):
         print(f"benchmarks/{script} needs a CUDA GPU (none visible): nothing measured.")
         return None
     return args
+
+
+def write_report(out_dir: str, benchmark: str, config: dict, cases: list[dict]) -> dict:
+    """Write ``<out_dir>/<benchmark>.json`` (environment, config, cases); print where and on what."""
+    report = {"benchmark": benchmark, **environment(), "config": config, "cases": cases}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{benchmark}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit'][:10]}")
+    print(f"results written to {path}")
+    return report

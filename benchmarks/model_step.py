@@ -12,12 +12,11 @@ G(P+S)/(P+GS), and peak memory. Needs a CUDA GPU: on a CPU-only machine it says 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 
-from common import environment, parse_args_or_skip
+from common import parse_args_or_skip, write_report
 from pyfastrl.integrations import transformers as pft
 
 MODEL_SHAPE = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -86,11 +85,6 @@ def main(argv=None) -> int:
         cases.append(case)
         print(json.dumps(case), flush=True)
 
-    report = {"benchmark": "model_step", **environment(), "model": MODEL_SHAPE, "cases": cases}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model_step.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
     print(f"\n{'P':>5} {'G':>3} | {'repeated ms':>11} {'grouped ms':>10} {'speedup':>8} {'bound':>6} | "
           f"{'peak MiB rep':>12} {'grp':>7}")
     for c in cases:
@@ -100,7 +94,7 @@ def main(argv=None) -> int:
         print(f"{c['P']:>5} {c['G']:>3} | {c['repeated']['step_ms']:>11.1f} {c['grouped']['step_ms']:>10.1f} "
               f"{c['speedup']:>7.2f}x {c['token_ratio_bound']:>5.2f}x | {c['repeated']['peak_extra_mib']:>12.0f} "
               f"{c['grouped']['peak_extra_mib']:>7.0f}")
-    print(f"\nresults written to {path}")
+    write_report(args.out, "model_step", MODEL_SHAPE, cases)
     return 0
 
 

@@ -17,14 +17,12 @@ Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import environment, parse_args_or_skip
+from common import parse_args_or_skip, write_report
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -194,19 +192,8 @@ def main(argv=None) -> int:
     for i, (p, s, g) in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] P={p} S={s} G={g} ...", flush=True)
         cases.append(run_case(p, s, g, device))
-    report = {
-        "benchmark": "prefix_attention",
-        **environment(),
-        "config": {"dtype": "bfloat16", "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM},
-        "cases": cases,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "prefix_attention.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
     _print_table(cases)
-    print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit'][:10]}")
-    print(f"results written to {path}")
+    write_report(args.out, "prefix_attention", {"dtype": "bfloat16", "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM}, cases)
     return 0
 
 

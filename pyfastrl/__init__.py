@@ -5,12 +5,26 @@ Public API:
     prefix_grouped_attention  -- attention over that layout, equal to repeating every prompt
     verify_equivalence        -- model-level check: grouped vs repeated batch on a transformers model
                                  (pyfastrl.integrations.transformers; imports transformers on first use)
+    grpo_advantages           -- group-normalised advantages (exact 0 for identical rewards)
+    grpo_loss                 -- clipped-surrogate (+ KL) GRPO loss of per-token log-probs, with metrics
+    fused_linear_grpo_loss    -- the same loss from hidden states and the LM head, logits never materialised
+    selective_logprobs        -- the fused log-probs (and entropies) alone, for old/reference policies
 """
 from pyfastrl.layout import PrefixGroupLayout
+from pyfastrl.ops.grpo_loss import fused_linear_grpo_loss, grpo_advantages, grpo_loss, selective_logprobs
 from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 
 __version__ = "0.1.0"
-__all__ = ["PrefixGroupLayout", "prefix_grouped_attention", "verify_equivalence", "__version__"]
+__all__ = [
+    "PrefixGroupLayout",
+    "prefix_grouped_attention",
+    "verify_equivalence",
+    "grpo_advantages",
+    "grpo_loss",
+    "fused_linear_grpo_loss",
+    "selective_logprobs",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -113,6 +113,9 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+_OPS = ("prefix_grouped_attention", "grpo_loss", "fused_linear_grpo_loss", "selective_logprobs")
+
+
 def _info(args) -> int:
     from pyfastrl import __version__
     from pyfastrl._backend import BACKEND_ENV, triton_unavailable_reason
@@ -125,7 +128,8 @@ def _info(args) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     print(f"device        {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA device visible)'}")
     reason = triton_unavailable_reason(device)
-    print("\nprefix_grouped_attention backends:")
+    # Every op has the same two backends and the same availability rule.
+    print(f"\nbackends of {', '.join(_OPS)}:")
     print("  torch   available")
     print(f"  triton  {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"  auto    -> {'triton' if cuda and reason is None else 'torch'} here "

@@ -62,7 +62,30 @@ def test_model_step_token_ratio_bound_matches_spec_example():
     assert bench.token_ratio_bound(4096, 512, 16) == 73_728 / 12_288 == 6.0
 
 
-@pytest.mark.parametrize("name", ["prefix_attention", "model_step"])
+def test_grpo_loss_methods_compute_the_same_loss_and_gradients():
+    bench = load_benchmark("grpo_loss")
+    inputs = bench.make_inputs(tokens=24, hidden=16, vocab=50, device=torch.device("cpu"), dtype=torch.float32,
+                               row_length=8)
+    methods, skipped = bench.build_methods(*inputs, backend="torch")
+    assert {"pyfastrl", "torch_unfused", "matmul_floor"} <= set(methods)
+    assert set(methods) | set(skipped) >= {"liger_fused_linear", "liger_triton"}
+    h, w = (t.clone().requires_grad_() for t in inputs[:2])
+    results = {name: (fn(h, w), torch.autograd.grad(fn(h, w), (h, w))) for name, fn in methods.items()
+               if name != "matmul_floor"}
+    want_loss, want_grads = results["torch_unfused"]
+    assert want_loss != 0
+    for name, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        for grad, want in zip(grads, want_grads):
+            torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_grpo_loss_floor_is_three_matmuls():
+    bench = load_benchmark("grpo_loss")
+    assert bench.floor_flops(16384, 4096, 151_936) == 3 * 2 * 16384 * 4096 * 151_936
+
+
+@pytest.mark.parametrize("name", ["prefix_attention", "model_step", "grpo_loss"])
 def test_benchmarks_without_gpu_exit_cleanly(name, capsys):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only message")
@@ -74,3 +97,14 @@ def test_environment_record_names_versions_and_commit():
     env = load_benchmark("common").environment()
     assert set(env) >= {"gpu", "torch", "triton", "transformers", "commit", "date"}
     assert len(env["commit"]) == 40 or env["commit"] == "unknown"
+
+
+def test_write_report_records_environment_config_and_cases(tmp_path, capsys):
+    import json
+
+    report = load_benchmark("common").write_report(str(tmp_path), "demo_case", {"dtype": "bfloat16"}, [{"n": 1}])
+    written = json.loads((tmp_path / "demo_case.json").read_text())
+    assert written == report
+    assert written["benchmark"] == "demo_case" and written["config"] == {"dtype": "bfloat16"}
+    assert written["cases"] == [{"n": 1}] and "commit" in written and "gpu" in written
+    assert "demo_case.json" in capsys.readouterr().out

@@ -31,7 +31,8 @@ def test_demo_bad_input_is_a_clear_error(capsys):
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "torch" in out and "prefix_grouped_attention backends" in out
+    assert "torch" in out and "triton" in out
+    assert "prefix_grouped_attention" in out and "fused_linear_grpo_loss" in out
 
 
 def test_console_script_help():

@@ -13,10 +13,18 @@ def test_readme_api_example_runs():
         namespace = {}
         exec(compile(block, "README.md", "exec"), namespace)
         results.append(namespace)
-    api, model = results
+    api, model, grpo = results
     assert api["T"] == 28 and api["out"].shape == (28, 8, 64)
     assert api["q"].grad is not None
     assert model["logprobs"].shape == (3, 3) and model["mask"].sum().item() == 6
+    assert grpo["advantages"][2:].eq(0).all() and grpo["advantages"][:2].ne(0).all()
+    assert grpo["hidden"].grad.shape == (4, 6, 32) and grpo["lm_head"].grad.abs().sum() > 0
+    assert grpo["hidden"].grad[1, 4:].eq(0).all()  # masked tokens get no gradient
+    assert {"clip_ratio", "kl", "entropy"} <= set(grpo["metrics"])
+    # On-policy (old = current log-probs): ratio 1, so dapo's loss is -sum(A * mask) / sum(mask).
+    on_policy = -(grpo["advantages"][:, None] * grpo["mask"]).sum() / grpo["mask"].sum()
+    assert abs(grpo["loss2"].item() - on_policy.item()) < 1e-6
+    assert abs(grpo["metrics"]["ratio_mean"].item() - 1) < 1e-5
 
 
 def test_readme_commands_match_ci():

@@ -1,0 +1,1 @@
+"""GRPO loss: Triton kernels (``kernel``) and the PyTorch backend plus the naive reference (``reference``)."""
