@@ -202,7 +202,8 @@ def _segment_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> tor
     return values.new_zeros(num_rows).index_add_(0, rows, values)
 
 
-def _row_of_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def row_of_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Row index (int64) of each of ``num_tokens`` flat tokens, rows delimited by ``cu_seqlens``."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True)
 
@@ -268,7 +269,7 @@ def _log_ratios(logp, old, valid, rows, num_rows, sequence_level: bool):
 def _prepare(logp, old, ref, mask, cu_seqlens, advantages, opts):
     dtype = compute_dtype(logp.dtype)
     num_rows = cu_seqlens.numel() - 1
-    rows = _row_of_token(cu_seqlens, logp.numel())
+    rows = row_of_token(cu_seqlens, logp.numel())
     valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask != 0
     logp, old = logp.to(dtype), old.to(dtype)
     ref = ref.to(dtype) if opts.beta != 0.0 else None

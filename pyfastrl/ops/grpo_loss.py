@@ -565,7 +565,7 @@ def _fused_op(
     # A sequence-level ratio needs the whole row first: stats pass, loss gradient, gradient pass.
     one_pass = need_grad and not sequence_level
     if one_pass:
-        rows = reference._row_of_token(cu_seqlens, num_tokens)
+        rows = reference.row_of_token(cu_seqlens, num_tokens)
     chunks = [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
     for start, end in chunks:
         hidden_chunk = hidden[start:end]
