@@ -352,6 +352,22 @@ def test_grpo_loss_custom_op_and_compile():
 # ----------------------------------------------------------------------------- fused LM head
 
 
+@pytest.mark.parametrize("sequence_level", [False, True])
+def test_fused_and_selective_custom_ops_pass_opcheck(sequence_level):
+    from pyfastrl.ops.grpo_loss import _fused_op, _selective_op
+
+    h, w, b, targets, _, adv, old, ref = _lm_data()
+    tokens = 30
+    h = h.reshape(-1, h.shape[-1])[:tokens].float().requires_grad_()
+    w, b = w.float().requires_grad_(), b.float().requires_grad_()
+    targets, old, ref = targets.reshape(-1)[:tokens], old.reshape(-1)[:tokens].float(), ref.reshape(-1)[:tokens].float()
+    cu = torch.tensor([0, 10, 25, tokens], dtype=torch.int32)
+    args = (h, w, b, targets, old, ref, cu, adv[:3].float(), torch.full((3,), 0.03), 1 / 0.7, 7, True, True, True,
+            "grpo", sequence_level, 0.2, 0.28, 1.5, 0.04, "k3", "torch")
+    torch.library.opcheck(_fused_op, args)
+    torch.library.opcheck(_selective_op, (h.detach(), w.detach(), None, targets, 1.0, 7, "torch"))
+
+
 def _lm_data(rows=4, length=11, hidden=8, vocab=37, seed=0, temperature=1.0):
     """Old/ref log-probs are the current ones at ``temperature`` plus N(0, 0.3) noise."""
     g = torch.Generator().manual_seed(seed)
