@@ -194,6 +194,11 @@ def _row_weights(op, counts: torch.Tensor, opts: LossOptions, dtype, max_complet
     return (1.0 / normaliser).expand(num_rows).contiguous()
 
 
+def _aggregate(partials: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """The loss: each row's summed token losses times its aggregation weight, summed."""
+    return (row_weights.to(partials.dtype) * partials[:, 0]).sum()
+
+
 def _metrics(partials: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
     p = partials.detach()
     column = {name: p[:, i] for i, name in enumerate(PARTIALS)}
@@ -359,7 +364,7 @@ def _loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     opts = LossOptions(loss_type, sequence_level, eps_low, eps_high, delta, beta, kl_estimator)
     partials = _implementation(backend).loss_forward(logp, old, ref, mask, cu_seqlens, advantages, opts)
-    return (row_weight.to(partials.dtype) * partials[:, 0]).sum(), partials
+    return _aggregate(partials, row_weight), partials
 
 
 @_loss_op.register_fake
@@ -497,6 +502,20 @@ def _chunk_logits(hidden_chunk, weight, bias):
     return torch.addmm(bias, hidden_chunk, weight.t())
 
 
+def _chunk_ranges(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, num_tokens)) for start in range(0, num_tokens, chunk_size)]
+
+
+def _stats_pass(impl, hidden, weight, bias, target_ids, inv_temperature, chunks, lse, logp, entropy) -> None:
+    """Fill ``lse``, ``logp`` and ``entropy`` chunk by chunk, one chunk of logits alive at a time."""
+    for start, end in chunks:
+        logits = _chunk_logits(hidden[start:end], weight, bias)
+        stats = impl.logits_stats(logits, target_ids[start:end], inv_temperature)
+        for buffer, value in zip((lse, logp, entropy), stats):
+            buffer[start:end] = value
+        del logits, stats
+
+
 class _GradientAccumulator:
     """dh rows, dW and db of the LM head, one chunk's logit gradient at a time."""
 
@@ -506,7 +525,7 @@ class _GradientAccumulator:
         self.dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
         self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         self.db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
-        self.weight, self.out_dtypes = weight, (weight.dtype, None if bias is None else bias.dtype)
+        self.weight = weight
 
     def add(self, start: int, end: int, hidden_chunk, dlogits):
         if self.dh.numel():
@@ -521,9 +540,12 @@ class _GradientAccumulator:
         if self.db is not None:
             self.db += dlogits.sum(0, dtype=self.db.dtype)
 
-    def results(self, hidden, weight):
-        dw = self.dw.to(self.out_dtypes[0]) if self.dw is not None else weight.new_empty(0)
-        db = self.db.to(self.out_dtypes[1]) if self.db is not None else weight.new_empty(0)
+    def results(self):
+        """``(dh, dw, db)`` in the dtypes of hidden, weight and bias (the LM head shares one dtype);
+        empty where not asked for."""
+        # Separate empties: custom-op outputs may not alias each other.
+        dw = self.dw.to(self.weight.dtype) if self.dw is not None else self.weight.new_empty(0)
+        db = self.db.to(self.weight.dtype) if self.db is not None else self.weight.new_empty(0)
         return self.dh, dw, db
 
 
@@ -566,24 +588,24 @@ def _fused_op(
     one_pass = need_grad and not sequence_level
     if one_pass:
         rows = reference.row_of_token(cu_seqlens, num_tokens)
-    chunks = [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
-    for start, end in chunks:
-        hidden_chunk = hidden[start:end]
-        logits = _chunk_logits(hidden_chunk, weight, bias)
-        if one_pass:
+    chunks = _chunk_ranges(num_tokens, chunk_size)
+    if one_pass:
+        for start, end in chunks:
+            hidden_chunk = hidden[start:end]
+            logits = _chunk_logits(hidden_chunk, weight, bias)
             token_inputs = (None if old is None else old[start:end], None if ref is None else ref[start:end],
                             rows[start:end], advantages, row_weight)
             stats = impl.logits_stats_and_backward(logits, target_ids[start:end], inv_temperature,
                                                    *token_inputs, opts)
             grads.add(start, end, hidden_chunk, stats[3])
-        else:
-            stats = impl.logits_stats(logits, target_ids[start:end], inv_temperature)
-        for buffer, value in zip((lse, logp, entropy), stats):
-            buffer[start:end] = value
-        del logits, stats
+            for buffer, value in zip((lse, logp, entropy), stats):
+                buffer[start:end] = value
+            del logits, stats
+    else:
+        _stats_pass(impl, hidden, weight, bias, target_ids, inv_temperature, chunks, lse, logp, entropy)
     old_values = logp if old is None else old
     partials = impl.loss_forward(logp, old_values, ref, None, cu_seqlens, advantages, opts)
-    loss = (row_weight.to(partials.dtype) * partials[:, 0]).sum()
+    loss = _aggregate(partials, row_weight)
     if need_grad and not one_pass:
         dlogp = impl.loss_backward(row_weight, logp, old_values, ref, None, cu_seqlens, advantages, opts)
         for start, end in chunks:
@@ -593,7 +615,7 @@ def _fused_op(
                                            dlogp[start:end])
             grads.add(start, end, hidden_chunk, dlogits)
             del logits, dlogits
-    return (loss, partials, logp, entropy) + grads.results(hidden, weight)
+    return (loss, partials, logp, entropy) + grads.results()
 
 
 @_fused_op.register_fake
@@ -637,15 +659,11 @@ def _selective_op(
     chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _implementation(backend)
     num_tokens = hidden.shape[0]
     dtype = reference.compute_dtype(hidden.dtype)
-    logp, entropy = (torch.empty(num_tokens, dtype=dtype, device=hidden.device) for _ in range(2))
-    for start in range(0, num_tokens, chunk_size):
-        end = min(start + chunk_size, num_tokens)
-        logits = _chunk_logits(hidden[start:end], weight, bias)
-        _, logp[start:end], entropy[start:end] = impl.logits_stats(logits, target_ids[start:end], inv_temperature)
-        del logits
+    lse, logp, entropy = (torch.empty(num_tokens, dtype=dtype, device=hidden.device) for _ in range(3))
+    _stats_pass(_implementation(backend), hidden, weight, bias, target_ids, inv_temperature,
+                _chunk_ranges(num_tokens, chunk_size), lse, logp, entropy)
     return logp, entropy
 
 
