@@ -9,7 +9,8 @@ from setuptools import setup
 setup(
     name="pyfastrl",
     version="0.1.0",
-    description="Custom-kernel ops for GRPO post-training: shared-prefix grouped attention, fused GRPO loss",
+    description="Custom-kernel ops for GRPO post-training: shared-prefix grouped attention, fused GRPO loss, "
+    "local linear attention",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -20,6 +21,7 @@ setup(
         "pyfastrl.kernels",
         "pyfastrl.kernels.prefix_attention",
         "pyfastrl.kernels.grpo_loss",
+        "pyfastrl.kernels.local_linear_attention",
     ],
     # The Triton sources live in the top-level kernels/ folder but import as pyfastrl.kernels:
     # a top-level module named `kernels` would collide with the unrelated PyPI package.

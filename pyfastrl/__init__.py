@@ -9,9 +9,12 @@ Public API:
     grpo_loss                 -- clipped-surrogate (+ KL) GRPO loss of per-token log-probs, with metrics
     fused_linear_grpo_loss    -- the same loss from hidden states and the LM head, logits never materialised
     selective_logprobs        -- the fused log-probs (and entropies) alone, for old/reference policies
+    local_linear_attention    -- causal local linear attention (LLA), exact gradient incl. the ridge lambda
+    nn.LocalLinearAttention   -- the same as a module with a learnable per-head lambda
 """
 from pyfastrl.layout import PrefixGroupLayout
 from pyfastrl.ops.grpo_loss import fused_linear_grpo_loss, grpo_advantages, grpo_loss, selective_logprobs
+from pyfastrl.ops.local_linear_attention import local_linear_attention
 from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 
 __version__ = "0.1.0"
@@ -23,6 +26,7 @@ __all__ = [
     "grpo_loss",
     "fused_linear_grpo_loss",
     "selective_logprobs",
+    "local_linear_attention",
     "__version__",
 ]
 

@@ -113,7 +113,9 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-_OPS = ("prefix_grouped_attention", "grpo_loss", "fused_linear_grpo_loss", "selective_logprobs")
+_OPS = (
+    "prefix_grouped_attention", "grpo_loss", "fused_linear_grpo_loss", "selective_logprobs", "local_linear_attention",
+)
 
 
 def _info(args) -> int:

@@ -85,7 +85,16 @@ def test_grpo_loss_floor_is_three_matmuls():
     assert bench.floor_flops(16384, 4096, 151_936) == 3 * 2 * 16384 * 4096 * 151_936
 
 
-@pytest.mark.parametrize("name", ["prefix_attention", "model_step", "grpo_loss"])
+def test_lla_regression_quality_table_reproduces_the_spec():
+    """The spec's fp64 measurement: linear map softmax 0.33, LLA 1.0e-6, global ridge 1.2e-6;
+    tanh(2Ax) 0.234 / 0.086 / 0.100 (here fewer trials, so looser bounds)."""
+    table = load_benchmark("lla").regression_quality(trials=60)
+    linear, tanh = table["linear"], table["tanh(2Ax)"]
+    assert linear["lla"] < 1e-5 and linear["global_ridge"] < 1e-5 and 0.15 < linear["softmax"] < 0.6
+    assert tanh["lla"] < tanh["global_ridge"] < tanh["softmax"]
+
+
+@pytest.mark.parametrize("name", ["prefix_attention", "model_step", "grpo_loss", "lla"])
 def test_benchmarks_without_gpu_exit_cleanly(name, capsys):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only message")

@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +15,7 @@ def test_readme_api_example_runs():
         namespace = {}
         exec(compile(block, "README.md", "exec"), namespace)
         results.append(namespace)
-    api, model, grpo = results
+    api, model, grpo, lla, lla_model = results
     assert api["T"] == 28 and api["out"].shape == (28, 8, 64)
     assert api["q"].grad is not None
     assert model["logprobs"].shape == (3, 3) and model["mask"].sum().item() == 6
@@ -25,6 +27,9 @@ def test_readme_api_example_runs():
     on_policy = -(grpo["advantages"][:, None] * grpo["mask"]).sum() / grpo["mask"].sum()
     assert abs(grpo["loss2"].item() - on_policy.item()) < 1e-6
     assert abs(grpo["metrics"]["ratio_mean"].item() - 1) < 1e-5
+    assert lla["out"].shape == (2, 64, 8, 32) and lla["ridge"].grad.abs().min() > 0
+    torch.testing.assert_close(lla["out2"][:, 0], lla["v"][:, 0].repeat_interleave(4, 1))  # o_0 = v_0
+    assert lla_model["model"].config._attn_implementation == "pyfastrl_lla"
 
 
 def test_readme_commands_match_ci():

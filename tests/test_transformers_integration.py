@@ -203,3 +203,61 @@ def test_verify_gives_a_loaded_model_its_state_back():
     assert report.passed, report.summary()
     assert not model.training and not model.is_gradient_checkpointing
     assert model.config._attn_implementation == "sdpa"
+
+
+# ----------------------------------------------------------------------------- local linear attention
+
+
+def _lla_model(name="tiny-llama", ridge_lambda=1.0, **overrides):
+    from pyfastrl.integrations.transformers_lla import enable_local_linear_attention
+
+    return enable_local_linear_attention(pft.tiny_model(name, **overrides), ridge_lambda=ridge_lambda)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_lla_with_a_huge_ridge_is_the_softmax_model(name):
+    ids = torch.randint(3, 96, (2, 20))
+    softmax = pft.tiny_model(name)(ids).logits  # no layout: transformers' SDPA attention
+    lla = _lla_model(name, ridge_lambda=1e12)
+    assert lla.config._attn_implementation == "pyfastrl_lla"
+    torch.testing.assert_close(lla(ids).logits, softmax, atol=1e-5, rtol=0)
+    with torch.no_grad():  # a real lambda changes the model
+        assert (_lla_model(name, ridge_lambda=0.1)(ids).logits - softmax).abs().max() > 1e-3
+
+
+def test_a_decoder_switched_to_lla_trains():
+    model = _lla_model(ridge_lambda=1.0)
+    names = [n for n, _ in model.named_parameters() if n.endswith("local_linear_attention.log_ridge")]
+    assert len(names) == model.config.num_hidden_layers
+    ridge_before = model.model.layers[0].self_attn.local_linear_attention.log_ridge.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(3, 96, (4, 24))
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert not torch.equal(model.model.layers[0].self_attn.local_linear_attention.log_ridge, ridge_before)
+
+
+def test_lla_refuses_what_it_does_not_implement():
+    from pyfastrl.integrations.transformers_lla import enable_local_linear_attention
+
+    model = _lla_model()
+    ids = torch.randint(3, 96, (2, 10))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with pytest.raises(NotImplementedError, match="attention masks"):
+        model(ids, attention_mask=padding)
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        model.generate(ids[:1], max_new_tokens=2, do_sample=False)
+    assert model.generate(ids[:1], max_new_tokens=2, do_sample=False, use_cache=False).shape == (1, 12)
+    plain = pft.tiny_model("tiny-llama")
+    plain.set_attn_implementation("pyfastrl_lla")
+    with pytest.raises(RuntimeError, match="enable_local_linear_attention"):
+        plain(ids)
+    with pytest.raises(ValueError, match="found no attention layers"):
+        enable_local_linear_attention(torch.nn.Linear(2, 2))

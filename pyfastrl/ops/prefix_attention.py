@@ -13,6 +13,7 @@ import torch
 
 from pyfastrl._backend import resolve_backend
 from pyfastrl.kernels.prefix_attention import reference
+from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset
 from pyfastrl.layout import PrefixGroupLayout
 
 _OP = "prefix_grouped_attention"
@@ -103,22 +104,9 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, layout, backend: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            want = "(T, Hq, D)" if name == "q" else "(T, Hkv, D)"
-            raise ValueError(f"{_OP}: {name} must have shape {want}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype}; supported: {_DTYPES}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: q is on {q.device} but {name} is on {t.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_OP}: q has dtype {q.dtype} but {name} has {t.dtype}; pass one dtype")
+    check_qkv(_OP, q, k, v, "(T, Hq, D)", _DTYPES)
     if not isinstance(layout, PrefixGroupLayout):
         raise TypeError(f"{_OP}: layout must be a pyfastrl.PrefixGroupLayout, got {type(layout).__name__}")
-    if k.shape != v.shape:
-        raise ValueError(f"{_OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     num_tokens, num_heads, head_dim = q.shape
     if k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(
@@ -142,9 +130,7 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
             )
-        # The kernels index through the strides: a view into a larger buffer (e.g. a fused QKV
-        # projection) reaches offsets beyond its own numel().
-        largest = max(sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in (q, k, v))
+        largest = largest_element_offset(q, k, v)
         if largest >= 2**31:
             raise ValueError(
                 f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,} "

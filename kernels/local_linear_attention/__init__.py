@@ -1,0 +1,1 @@
+"""Local linear attention: Triton kernels (``kernel``) and the PyTorch backend plus the naive reference (``reference``)."""

@@ -1,0 +1,272 @@
+"""``local_linear_attention``: the public op, its input checks and its torch.library custom ops.
+
+Two custom ops, ``pyfastrl::lla_forward`` and ``pyfastrl::lla_backward``, with fake (meta)
+implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces the op as one
+node. Both backends sit behind them (``pyfastrl.kernels.local_linear_attention``): ``"torch"`` solves
+each query's ridge system directly (Cholesky), ``"triton"`` iterates (CG) to ``tolerance``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+from typing import NamedTuple
+
+import torch
+
+from pyfastrl._backend import resolve_backend
+from pyfastrl.kernels.local_linear_attention import reference
+from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
+from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset
+
+_OP = "local_linear_attention"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_TOLERANCE = 1e-5
+
+
+def _triton_kernels():
+    # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set first.
+    from pyfastrl.kernels.local_linear_attention import kernel
+
+    return kernel
+
+
+class SolverStats(NamedTuple):
+    """How the ridge solves of one call went (returned with ``return_solver_stats=True``).
+
+    iterations: ``(B, Hq, query blocks)`` int32, the CG iterations each query block of the Triton
+        forward ran (its slowest row); zero blocks for the torch backend, which solves directly.
+    residual: ``(B, Hq, T)`` float32, each query's final relative residual ``|B eta - rhs| / |rhs|``
+        (Triton); zeros for the direct torch solve.
+    """
+
+    iterations: torch.Tensor
+    residual: torch.Tensor
+
+
+def _warn_unconverged(residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
+    if residual.numel() == 0:
+        return
+    worst = residual.max().item()
+    if worst <= tolerance:
+        return
+    count = int((~(residual <= tolerance)).sum())
+    warnings.warn(
+        f"{_OP}: the {which} ridge solve reached max_iterations={max_iterations} with relative residual "
+        f"up to {worst:.2e} > tolerance {tolerance:.1e} in {count} of {residual.numel()} queries; raise "
+        "max_iterations, or ridge_lambda (CG needs more iterations as lambda shrinks)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _iteration_blocks(backend: str, num_tokens: int, head_dim: int) -> int:
+    if backend != "triton":
+        return 0
+    return -(-num_tokens // _triton_kernels()._tiles(head_dim)[0])
+
+
+@torch.library.custom_op("pyfastrl::lla_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ridge: torch.Tensor,
+    scale: float, tolerance: float, max_iterations: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        out, eta, lse, residual, iterations = _triton_kernels().forward(
+            q, k, v, ridge, scale, tolerance, max_iterations)
+        _warn_unconverged(residual, tolerance, max_iterations, "forward")
+        return out, eta, lse, residual, iterations
+    out, eta, lse = reference.forward(q, k, v, ridge, scale)
+    batch, _, num_heads, _ = q.shape
+    residual = torch.zeros(lse.shape, dtype=torch.float32, device=q.device)
+    return out, eta, lse, residual, torch.zeros((batch, num_heads, 0), dtype=torch.int32, device=q.device)
+
+
+@_forward_op.register_fake
+def _(q, k, v, ridge, scale, tolerance, max_iterations, backend):
+    batch, num_tokens, num_heads, head_dim = q.shape
+    acc = accumulation_dtype(q.dtype)
+    blocks = _iteration_blocks(backend, num_tokens, head_dim)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape, dtype=acc),
+        q.new_empty((batch, num_heads, num_tokens), dtype=acc),
+        q.new_empty((batch, num_heads, num_tokens), dtype=torch.float32),
+        q.new_empty((batch, num_heads, blocks), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("pyfastrl::lla_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ridge: torch.Tensor,
+    eta: torch.Tensor, lse: torch.Tensor, scale: float, tolerance: float, max_iterations: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    if backend == "triton":
+        dq, dk, dv, dridge, residual, _ = _triton_kernels().backward(
+            grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations)
+        _warn_unconverged(residual, tolerance, max_iterations, "backward (adjoint)")
+        return dq, dk, dv, dridge
+    return reference.backward(grad_out, q, k, v, ridge, eta, lse, scale)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ridge.new_empty(ridge.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ridge, scale, tolerance, max_iterations, backend = inputs
+    _, eta, lse, residual, iterations = output
+    ctx.mark_non_differentiable(eta, lse, residual, iterations)
+    ctx.save_for_backward(q, k, v, ridge, eta, lse)
+    ctx.options = (scale, tolerance, max_iterations, backend)
+
+
+def _backward(ctx, grad_out, *_unused):
+    q, k, v, ridge, eta, lse = ctx.saved_tensors
+    dq, dk, dv, dridge = _backward_op(grad_out, q, k, v, ridge, eta, lse, *ctx.options)
+    return dq, dk, dv, dridge, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _data_checks_enabled() -> bool:
+    # Value checks synchronise with the GPU and break torch.compile graphs: skipped while compiling.
+    return not torch.compiler.is_compiling()
+
+
+def _check_tensors(q, k, v, backend: str) -> None:
+    check_qkv(_OP, q, k, v, "(B, T, Hq, D)", _DTYPES)
+    batch, num_tokens, num_heads, head_dim = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, num_tokens, head_dim):
+        raise ValueError(f"{_OP}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, T or D")
+    if num_heads % k.shape[2] != 0:
+        raise ValueError(
+            f"{_OP}: the number of query heads ({num_heads}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[2]})"
+        )
+    if backend == "triton":
+        kernel = _triton_kernels()
+        if q.dtype not in kernel.SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
+            )
+        if head_dim not in kernel.HEAD_DIMS:
+            raise ValueError(
+                f"{_OP}: backend 'triton' supports head dims {kernel.HEAD_DIMS}, got D={head_dim}; "
+                "use backend='torch'"
+            )
+        largest = largest_element_offset(q, k, v)
+        if largest >= 2**31:
+            raise ValueError(
+                f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,}: "
+                "split the batch"
+            )
+    if _data_checks_enabled():
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{_OP}: {name} contains NaN or infinite values")
+
+
+def _ridge_tensor(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``ridge_lambda`` (a positive float, or a positive ``(Hq,)`` tensor) as an ``(Hq,)`` tensor."""
+    if isinstance(ridge_lambda, torch.Tensor):
+        if ridge_lambda.shape != (num_heads,) and ridge_lambda.dim() != 0:
+            raise ValueError(
+                f"{_OP}: ridge_lambda must be a float or a tensor of shape (Hq,) = ({num_heads},), "
+                f"got shape {tuple(ridge_lambda.shape)}"
+            )
+        if not ridge_lambda.is_floating_point():
+            raise TypeError(f"{_OP}: ridge_lambda must be a floating tensor, got {ridge_lambda.dtype}")
+        if ridge_lambda.device != device:
+            raise ValueError(f"{_OP}: ridge_lambda is on {ridge_lambda.device} but q is on {device}")
+        if _data_checks_enabled() and not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
+            raise ValueError(f"{_OP}: ridge_lambda must be positive and finite, got {ridge_lambda.tolist()}")
+        return ridge_lambda.to(dtype).expand(num_heads).contiguous()
+    if not (isinstance(ridge_lambda, Real) and not isinstance(ridge_lambda, bool)
+            and math.isfinite(ridge_lambda) and ridge_lambda > 0):
+        raise ValueError(f"{_OP}: ridge_lambda must be a positive finite number or tensor, got {ridge_lambda!r}")
+    return torch.full((num_heads,), float(ridge_lambda), dtype=dtype, device=device)
+
+
+def local_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ridge_lambda: float | torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_iterations: int | None = None,
+    backend: str = "auto",
+    return_solver_stats: bool = False,
+):
+    """Causal local linear attention (LLA): per query, the intercept of a softmax-weighted local
+    linear ridge regression of values on keys centred at the query.
+
+    ``o_i = sum_j p_ij (1 + eta_i.(k_j - kbar_i)) v_j`` with ``p_ij`` the causal softmax weights of
+    ``softmax_scale * q_i.k_j``, ``kbar_i = sum_j p_ij k_j`` and ``eta_i`` the solution of
+    ``(C_i + lambda I) eta_i = q_i - kbar_i`` (``C_i`` the p-weighted key covariance). lambda -> inf
+    gives softmax attention; ``o_0 = v_0``.
+
+    Args:
+        q: ``(B, T, Hq, D)`` queries (the flash-attn dense layout).
+        k, v: ``(B, T, Hkv, D)``; ``Hq`` a multiple of ``Hkv`` (GQA: query head h reads kv head
+            ``h // (Hq // Hkv)``). Same dtype (fp16, bf16, fp32; fp64 on the torch backend) and
+            device as q; any strides with a unit-stride head dim.
+        ridge_lambda: the ridge lambda > 0: a float, or an ``(Hq,)`` tensor (one per query head),
+            which gets a gradient. Smaller lambda fits the local slope more closely and needs more
+            solver iterations; ``pyfastrl.nn.LocalLinearAttention`` learns it per head.
+        softmax_scale: score scale tau; default ``D ** -0.5``.
+        causal: must be True (LLA is defined here for causal attention only).
+        tolerance: the Triton solver stops once every query's relative residual
+            ``|B eta - rhs| / |rhs|`` is at most this (default 1e-5: the outputs are then accurate to
+            about 1e-5 relative, well below bf16's resolution and near fp32 CG's floor). The torch
+            backend solves directly and ignores it.
+        max_iterations: the Triton solver's cap per query block (default ``4 * D``). CG needs at
+            most D iterations in exact arithmetic, but fp32 rounding costs more the worse the
+            conditioning ``(lambda_max(C) + lambda) / lambda``: measured in fp32 on Gaussian keys
+            at D=64 (worst query of T=256), about 15 iterations at lambda=1, 50 at 0.1, 110-300 at
+            0.01. Reaching the cap with a residual above ``tolerance`` emits a RuntimeWarning
+            stating the residual (forward, or the backward's adjoint solve); the result is then the
+            last iterate.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
+            ``"torch"`` or ``"triton"``.
+        return_solver_stats: also return a ``SolverStats`` (iterations per query block, residuals).
+
+    Returns:
+        ``(B, T, Hq, D)`` in q's dtype (and the ``SolverStats`` when asked). Differentiable in q,
+        k, v and a tensor ``ridge_lambda``, with the exact gradient (including the ridge's
+        dependence on q and k through the weights).
+    """
+    if isinstance(q, torch.Tensor):
+        backend = resolve_backend(_OP, backend, q.device)
+    _check_tensors(q, k, v, backend)
+    if causal is not True:
+        raise ValueError(f"{_OP}: only causal=True is supported (non-causal LLA is not implemented), got {causal!r}")
+    batch, num_tokens, num_heads, head_dim = q.shape
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    elif not (isinstance(softmax_scale, Real) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"{_OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if not (isinstance(tolerance, Real) and 0 < tolerance < 1):
+        raise ValueError(f"{_OP}: tolerance must be a number in (0, 1), got {tolerance!r}")
+    if max_iterations is None:
+        max_iterations = 4 * head_dim
+    elif not (isinstance(max_iterations, int) and not isinstance(max_iterations, bool) and max_iterations >= 1):
+        raise ValueError(f"{_OP}: max_iterations must be an integer >= 1, got {max_iterations!r}")
+    ridge = _ridge_tensor(ridge_lambda, num_heads, accumulation_dtype(q.dtype), q.device)
+    if q.numel() == 0:
+        backend = "torch"  # nothing to launch
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _, _, residual, iterations = _forward_op(
+        q, k, v, ridge, float(softmax_scale), float(tolerance), max_iterations, backend)
+    if return_solver_stats:
+        return out, SolverStats(iterations, residual)
+    return out
