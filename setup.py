@@ -18,6 +18,7 @@ setup(
         "pyfastrl",
         "pyfastrl.ops",
         "pyfastrl.integrations",
+        "pyfastrl.trainer",
         "pyfastrl.kernels",
         "pyfastrl.kernels.prefix_attention",
         "pyfastrl.kernels.grpo_loss",
@@ -31,6 +32,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "transformers>=4.56"],
+        "train": ["transformers>=4.56", "matplotlib"],
     },
     entry_points={"console_scripts": ["pyfastrl=pyfastrl.cli:main"]},
 )

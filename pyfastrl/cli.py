@@ -4,6 +4,8 @@
                     repeated-prompt computation (forward and gradients); exits 1 beyond tolerance
     pyfastrl verify grouped vs repeated batch on a transformers model (built-in tiny config or a local
                     directory): completion log-probs and every parameter gradient; exits 1 beyond tolerance
+    pyfastrl train  GRPO training: the built-in default (tiny model, bundled tokenizer, synthetic task),
+                    or a local model directory and a JSONL dataset
     pyfastrl info   versions, device, and which backend of each op can run here (and why not)
 """
 from __future__ import annotations
@@ -194,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     verify.set_defaults(run=_verify)
 
+    from pyfastrl.trainer.command import add_parser as add_train_parser
+
+    add_train_parser(commands)
+
     info = commands.add_parser("info", help="versions, device and available backends")
     info.set_defaults(run=_info)
     return parser
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, FileExistsError) as error:
         print(f"pyfastrl {args.command}: error: {error}", file=sys.stderr)
         return 2
 

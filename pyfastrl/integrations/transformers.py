@@ -308,6 +308,29 @@ def completion_logprobs(model, batch, *, temperature: float = 1.0, return_entrop
     return out, mask, entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
 
 
+def completion_hidden_states(model, batch) -> torch.Tensor:
+    """The final hidden states at the positions that predict completion tokens, ``(K, H)`` in
+    completion order (as ``batch.target_ids``): what ``fused_linear_grpo_loss`` takes with the LM head
+    ``model.get_output_embeddings()``, so the logits are never materialised. Works on a grouped or
+    a repeated batch. Models that post-process logits (final soft-capping) are refused: the fused
+    loss would skip that step."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise NotImplementedError(
+            f"final_logit_softcapping={config.final_logit_softcapping} post-processes the logits, which the fused "
+            "loss does not reproduce; use completion_logprobs and grpo_loss instead"
+        )
+    if isinstance(batch, GroupedBatch):
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"a grouped batch needs the model's attention set to {ATTN_IMPLEMENTATION!r}")
+        hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state[0]
+        return hidden.index_select(0, batch.logit_index)
+    if isinstance(batch, RepeatedBatch):
+        hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state
+        return hidden.flatten(0, 1).index_select(0, batch.logit_index)
+    raise TypeError(f"batch must be a GroupedBatch or RepeatedBatch, got {type(batch).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model-level equivalence check
 # ---------------------------------------------------------------------------------------------------

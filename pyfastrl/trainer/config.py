@@ -1,0 +1,153 @@
+"""``GRPOConfig``: every option of the thin trainer. Names follow TRL's ``GRPOConfig`` where the two
+overlap (the semantics too); the rest are ours and say so."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from pyfastrl.kernels.grpo_loss.reference import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Options that may differ between a checkpoint and the run resuming from it (they do not change the
+# optimisation already done).
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress")
+
+
+@dataclass
+class GRPOConfig:
+    """Options of ``GRPOTrainer`` (TRL's names where they overlap).
+
+    Batch shape: one rollout samples ``num_generations`` completions for each of
+    ``per_device_train_batch_size * gradient_accumulation_steps / num_generations`` prompts per
+    process; each optimizer step accumulates ``gradient_accumulation_steps`` micro-batches of
+    ``per_device_train_batch_size`` completions, and the rollout is reused for ``num_iterations``
+    optimizer steps (old log-probs are taken at rollout time when it is reused).
+    """
+
+    output_dir: str = "pyfastrl-output"
+    seed: int = 0
+    max_steps: int = 60
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_generations: int = 8
+    num_iterations: int = 1
+    max_prompt_length: int | None = 512
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    scale_rewards: str = "group"
+    reward_weights: list[float] | None = None
+    logging_steps: int = 1
+    save_steps: int = 0
+    # Ours:
+    use_prefix_grouping: bool = True  # the prompt once per group (pyfastrl_prefix attention) vs repeated
+    backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
+    dtype: str = "float32"  # model dtype
+    plot: bool = True  # write metrics.png at the end (needs matplotlib)
+    progress: bool = True  # live progress bar
+    extra: dict = field(default_factory=dict)  # free-form, recorded with the run
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.completions_per_step // self.num_generations
+
+    def validate(self) -> None:
+        def fail(name, why):
+            raise ValueError(f"GRPOConfig: {name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
+                     "max_completion_length", "logging_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                fail(name, "must be an integer >= 1")
+        if not (isinstance(self.num_generations, int) and self.num_generations >= 2):
+            fail("num_generations", "must be an integer >= 2 (with one completion per prompt every GRPO "
+                 "advantage is 0 and nothing is learned)")
+        if self.per_device_train_batch_size % self.num_generations:
+            fail("per_device_train_batch_size", f"must be a multiple of num_generations={self.num_generations} "
+                 "(micro-batches hold whole groups)")
+        for name in ("save_steps", "warmup_steps"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                fail(name, "must be an integer >= 0")
+        for name in ("learning_rate", "temperature", "adam_epsilon", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                fail(name, "must be a positive number")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if self.beta < 0 or self.weight_decay < 0:
+            fail("beta" if self.beta < 0 else "weight_decay", "must be >= 0")
+        choices = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+                   "scale_rewards": ADVANTAGE_SCALES, "lr_scheduler_type": SCHEDULERS, "dtype": DTYPES,
+                   "backend": ("auto", "torch", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {allowed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: dict) -> list[str]:
+        """Options (beyond RESUMABLE_CHANGES) whose value differs from ``other`` (a saved config)."""
+        mine = self.to_dict()
+        names = sorted(set(mine) | set(other))
+        return [f"{n}: checkpoint {other.get(n)!r}, now {mine.get(n)!r}" for n in names
+                if n not in RESUMABLE_CHANGES and mine.get(n) != other.get(n)]
+
+
+def load_config_file(path: str) -> dict:
+    """Options from a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against GRPOConfig's
+    fields (an unknown name is an error naming it)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: no such file: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            options = tomllib.loads(raw.decode())
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+
+            options = yaml.safe_load(raw) or {}
+        elif path.endswith(".json"):
+            options = json.loads(raw)
+        else:
+            raise ValueError(f"--config: {path} must end in .toml, .yaml, .yml or .json")
+    except Exception as error:  # the parsers' own error types (TOMLDecodeError, YAMLError, JSONDecodeError)
+        if str(error).startswith("--config"):
+            raise
+        raise ValueError(f"--config: cannot parse {path}: {error}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--config: {path} must hold a table of options, got {type(options).__name__}")
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"--config: unknown option(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}")
+    return options

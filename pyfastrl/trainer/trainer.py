@@ -1,0 +1,495 @@
+"""``GRPOTrainer``: rollout, rewards, advantages, and the GRPO update through pyfastrl's ops.
+
+One optimizer step:
+1. (every ``num_iterations`` steps) a rollout: ``model.generate`` samples ``num_generations``
+   completions per prompt (cut after the first EOS); the reward functions score them; advantages are
+   normalised per group (``grpo_advantages``); old log-probs (when the rollout is reused) and
+   reference log-probs (when ``beta > 0``) are taken with ``selective_logprobs``.
+2. ``gradient_accumulation_steps`` micro-batches of whole groups: the policy runs on the
+   prefix-grouped batch (each prompt once, ``"pyfastrl_prefix"`` attention) and
+   ``fused_linear_grpo_loss`` takes its final hidden states and the LM head, so no logits are
+   materialised; the loss is normalised by the step's total completion tokens (all processes), so
+   the accumulated gradient is the full batch's.
+3. gradient clipping, AdamW, the learning-rate schedule.
+
+Under ``torchrun`` (``torch.distributed`` initialised) each process rolls out its own prompts (whole
+groups, so advantages need no communication), the model is wrapped in DistributedDataParallel
+(gradients summed), and the token normaliser and the logged metrics are reduced over processes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pyfastrl import fused_linear_grpo_loss, grpo_advantages, selective_logprobs
+from pyfastrl.integrations import transformers as pft
+from pyfastrl.trainer.config import GRPOConfig
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Rollout:
+    """Sampled completions of one rollout, their rewards and what the loss needs besides the policy."""
+
+    rows: list  # the dataset rows, one per prompt
+    prompt_ids: list  # 1-D LongTensor per prompt
+    completion_ids: list  # per prompt, num_generations 1-D LongTensors (EOS included when sampled)
+    completions: list  # decoded completion texts, prompt-major
+    rewards: torch.Tensor  # (N,) weighted sum over reward functions
+    rewards_per_function: torch.Tensor  # (N, F)
+    advantages: torch.Tensor  # (N,)
+    old_logprobs: list | None  # per micro-batch, packed (K_mb,) completion-token log-probs
+    ref_logprobs: list | None
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _distributed()[1] > 1:
+        torch.distributed.all_reduce(values)
+    return values
+
+
+class _PolicyLoss(torch.nn.Module):
+    """The policy and its loss in one module, so DistributedDataParallel can wrap the whole forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, loss_options: dict):
+        hidden = pft.completion_hidden_states(self.model, batch)
+        head = self.model.get_output_embeddings()
+        cu_seqlens = torch.nn.functional.pad(batch.completion_lens.cumsum(0), (1, 0)).to(torch.int32)
+        return fused_linear_grpo_loss(hidden, head.weight, batch.target_ids, None, bias=head.bias,
+                                      cu_seqlens=cu_seqlens, **loss_options)
+
+
+class GRPOTrainer:
+    """Thin GRPO trainer over pyfastrl's ops.
+
+    Args:
+        model: a transformers causal LM (its attention is switched to ``"pyfastrl_prefix"``, which
+            is transformers' SDPA for generation and anything else without a grouped layout).
+        reward_funcs: a callable or a list of them, ``f(prompts, completions, **columns) ->
+            list[float]`` with one number per completion; ``columns`` are the dataset's other fields,
+            repeated per completion (TRL's convention). Summed with ``config.reward_weights``.
+        train_dataset: a list of dict rows, each with a ``"prompt"`` string.
+        config: ``GRPOConfig``.
+        tokenizer: the model's tokenizer (needs ``eos_token_id``; ``pad_token_id`` defaults to it).
+        ref_model: the reference policy for ``beta > 0`` (default: a frozen copy of ``model``).
+    """
+
+    def __init__(self, model, reward_funcs, train_dataset, config: GRPOConfig, tokenizer, *, ref_model=None):
+        self.config = config
+        config.validate()
+        self.rank, self.world_size = _distributed()
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not self.reward_funcs or not all(callable(f) for f in self.reward_funcs):
+            raise ValueError("reward_funcs must be a callable or a non-empty list of callables")
+        weights = config.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float64)
+        self.dataset = self._checked_dataset(train_dataset)
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise ValueError("the tokenizer has no eos_token_id: completions could never end")
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        # Each process samples its own completions: the sampling stream is seeded per rank (the
+        # weights are the same everywhere: DistributedDataParallel broadcasts rank 0's).
+        torch.manual_seed(config.seed + self.rank)
+        random.seed(config.seed + self.rank)
+        pft.register()
+        self.model = model.to(_DTYPES[config.dtype])
+        self.model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+        self.device = next(self.model.parameters()).device
+        self.ref_model = None
+        if config.beta > 0:
+            self.ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(_DTYPES[config.dtype])
+            self.ref_model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+            self.ref_model.requires_grad_(False).eval()
+        self.policy_loss = _PolicyLoss(self.model)
+        if self.world_size > 1:
+            self.policy_loss = torch.nn.parallel.DistributedDataParallel(self.policy_loss)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.rollout: Rollout | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _checked_dataset(self, dataset) -> list:
+        if not isinstance(dataset, (list, tuple)) or not dataset:
+            raise ValueError("train_dataset must be a non-empty list of dict rows")
+        for i, row in enumerate(dataset):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise ValueError(f"train_dataset[{i}] must be a dict with a non-empty 'prompt' string")
+        needed = self.config.prompts_per_step * self.world_size
+        if len(dataset) < needed:
+            raise ValueError(f"train_dataset has {len(dataset)} rows but one step needs {needed} prompts")
+        return list(dataset)
+
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        if config.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    # ------------------------------------------------------------------------------------ rollout
+
+    def _rows_for_rollout(self, index: int) -> list:
+        """This process's prompts for rollout ``index``: a seeded permutation per pass over the data."""
+        per_rollout = self.config.prompts_per_step * self.world_size
+        per_epoch = len(self.dataset) // per_rollout
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        start = position * per_rollout + self.rank * self.config.prompts_per_step
+        return [self.dataset[i] for i in order[start:start + self.config.prompts_per_step].tolist()]
+
+    def _encode_prompt(self, text: str, index: int) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {index} encodes to no tokens: {text!r}")
+        if self.config.max_prompt_length is not None:
+            ids = ids[-self.config.max_prompt_length:]  # keep the end, where the question is
+        return torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def _sample(self, prompt_ids: list) -> list:
+        """``num_generations`` completions per prompt, each cut after its first EOS."""
+        config = self.config
+        width = max(p.numel() for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompt_ids):
+            input_ids[i, width - p.numel():] = p
+            attention_mask[i, width - p.numel():] = 1
+        was_training = self.model.training
+        self.model.eval()
+        sequences = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), do_sample=True,
+            temperature=config.temperature, top_p=config.top_p, top_k=0, max_new_tokens=config.max_completion_length,
+            num_return_sequences=config.num_generations, pad_token_id=self.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )[:, width:].cpu()
+        self.model.train(was_training)
+        completions = []
+        for row in sequences:
+            eos = (row == self.tokenizer.eos_token_id).nonzero()
+            completions.append(row[: int(eos[0]) + 1] if eos.numel() else row)
+        g = config.num_generations
+        return [completions[i * g:(i + 1) * g] for i in range(len(prompt_ids))]
+
+    def _rewards(self, rows: list, completions: list) -> torch.Tensor:
+        """``(N, F)`` rewards of every function, checked (raises naming the function)."""
+        g = self.config.num_generations
+        prompts = [row["prompt"] for row in rows for _ in range(g)]
+        columns = {key: [row.get(key) for row in rows for _ in range(g)]
+                   for key in sorted({k for row in rows for k in row}) if key != "prompt"}
+        scores = []
+        for f in self.reward_funcs:
+            name = getattr(f, "__name__", repr(f))
+            try:
+                values = f(prompts, completions, **columns)
+            except Exception as error:
+                raise RuntimeError(f"reward function {name} raised {type(error).__name__}: {error}") from error
+            if values is None or len(values) != len(completions):
+                got = "None" if values is None else f"{len(values)} values"
+                raise ValueError(f"reward function {name} returned {got} for {len(completions)} completions")
+            try:
+                values = torch.tensor([float(v) for v in values], dtype=torch.float64)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"reward function {name} returned a non-number: {error}") from None
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).nonzero()[0])
+                raise ValueError(f"reward function {name} returned {values[bad].item()} for completion {bad} "
+                                 f"({completions[bad]!r})")
+            scores.append(values)
+        return torch.stack(scores, 1)
+
+    def _micro_batches(self, rollout: Rollout):
+        """(prompt slice, completion slice) of each micro-batch."""
+        per = self.config.per_device_train_batch_size // self.config.num_generations
+        for start in range(0, len(rollout.prompt_ids), per):
+            yield slice(start, start + per), slice(start * self.config.num_generations,
+                                                   (start + per) * self.config.num_generations)
+
+    def _build_batch(self, prompt_ids, completion_ids):
+        if self.config.use_prefix_grouping:
+            return pft.build_grouped_batch(prompt_ids, completion_ids, device=self.device)
+        return pft.build_repeated_batch(prompt_ids, completion_ids, pad_token_id=self.pad_token_id, device=self.device)
+
+    @torch.no_grad()
+    def _logprobs(self, model, rollout: Rollout) -> list:
+        out = []
+        for prompts, _ in self._micro_batches(rollout):
+            batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
+            hidden = pft.completion_hidden_states(model, batch)
+            head = model.get_output_embeddings()
+            out.append(selective_logprobs(hidden, head.weight, batch.target_ids, bias=head.bias,
+                                          temperature=self.config.temperature))
+        return out
+
+    def generate_rollout(self, rows: list) -> Rollout:
+        """Sample, score and prepare one rollout of ``rows`` (this process's prompts)."""
+        prompt_ids = [self._encode_prompt(row["prompt"], i) for i, row in enumerate(rows)]
+        completion_ids = self._sample(prompt_ids)
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for group in completion_ids for c in group]
+        per_function = self._rewards(rows, texts)
+        rewards = per_function @ self.reward_weights
+        advantages = grpo_advantages(rewards, group_size=self.config.num_generations,
+                                     scale=self.config.scale_rewards).to(torch.float32)
+        rollout = Rollout(rows, prompt_ids, completion_ids, texts, rewards, per_function, advantages, None, None)
+        if self.config.num_iterations > 1:
+            rollout.old_logprobs = self._logprobs(self.model, rollout)
+        if self.ref_model is not None:
+            rollout.ref_logprobs = self._logprobs(self.ref_model, rollout)
+        return rollout
+
+    # ------------------------------------------------------------------------------------ update
+
+    def optimize(self, rollout: Rollout) -> dict:
+        """One optimizer step on ``rollout``; returns this step's metrics (reduced over processes)."""
+        config = self.config
+        completion_tokens = sum(c.numel() for group in rollout.completion_ids for c in group)
+        global_tokens = float(_all_reduce_sum(torch.tensor([completion_tokens], dtype=torch.float64))[0])
+        options = dict(
+            temperature=config.temperature, loss_type=config.loss_type,
+            importance_sampling_level=config.importance_sampling_level, eps_low=config.epsilon,
+            eps_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, delta=config.delta,
+            beta=config.beta, max_completion_length=config.max_completion_length,
+            num_items_in_batch=global_tokens, backend=config.backend,
+        )
+        # dapo/cispo normalise by the global token count already; the per-micro-batch means of the
+        # other loss types are averaged over micro-batches and processes (as TRL does).
+        per_micro_batch = 1.0 if config.loss_type in ("dapo", "cispo") else 1.0 / config.gradient_accumulation_steps
+        # DistributedDataParallel averages gradients over processes; the loss wants their sum.
+        scale = per_micro_batch * (self.world_size if config.loss_type in ("dapo", "cispo") else 1.0)
+        self.model.train()
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, kl, clip_ratio, entropy (token-weighted), tokens x2
+        for index, (prompts, completions) in enumerate(self._micro_batches(rollout)):
+            batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
+            extra = {}
+            if rollout.old_logprobs is not None:
+                extra["old_logprobs"] = rollout.old_logprobs[index]
+            if rollout.ref_logprobs is not None:
+                extra["ref_logprobs"] = rollout.ref_logprobs[index]
+            loss, metrics = self.policy_loss(batch, {**options, **extra,
+                                                     "advantages": rollout.advantages[completions].to(self.device)})
+            (loss * scale).backward()
+            tokens = float(batch.completion_lens.sum())
+            sums += torch.tensor([loss.item() * per_micro_batch, float(metrics["kl"]) * tokens,
+                                  float(metrics["clip_ratio"]) * tokens, float(metrics["entropy"]) * tokens,
+                                  tokens, float(batch.input_ids.numel() if self.config.use_prefix_grouping
+                                                else batch.attention_mask.sum())], dtype=torch.float64)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        sums = _all_reduce_sum(sums)
+        tokens = max(sums[4].item(), 1.0)
+        return {"loss": sums[0].item(), "kl": sums[1].item() / tokens, "clip_ratio": sums[2].item() / tokens,
+                "entropy": sums[3].item() / tokens, "completion_tokens": int(sums[4]),
+                "model_tokens": int(sums[5]), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict:
+        g = self.config.num_generations
+        prompt_lens = [p.numel() for p in rollout.prompt_ids]
+        completion_lens = [c.numel() for group in rollout.completion_ids for c in group]
+        local = torch.tensor([rollout.rewards.sum().item(), (rollout.rewards ** 2).sum().item(), len(completion_lens),
+                              sum(completion_lens), sum(p * g for p in prompt_lens) + sum(completion_lens),
+                              sum(prompt_lens) + sum(completion_lens),
+                              *rollout.rewards_per_function.sum(0).tolist()], dtype=torch.float64)
+        total = _all_reduce_sum(local)
+        n = total[2].item()
+        mean = total[0].item() / n
+        metrics = {"reward": mean, "reward_std": math.sqrt(max(total[1].item() / n - mean**2, 0.0)),
+                   "completion_length": total[3].item() / n, "tokens_repeated": int(total[4]),
+                   "tokens_grouped": int(total[5])}
+        for f, value in zip(self.reward_funcs, total[6:].tolist()):
+            metrics[f"rewards/{getattr(f, '__name__', 'reward')}"] = value / n
+        return metrics
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
+        """Run to ``config.max_steps``; returns the summary (also printed by the command line)."""
+        config = self.config
+        main = self.rank == 0
+        metrics_path = os.path.join(config.output_dir, METRICS_FILE)
+        if resume_from_checkpoint:
+            self.resume(resume_from_checkpoint)
+        elif main:
+            _refuse_existing_run(config.output_dir)
+        if main:
+            os.makedirs(config.output_dir, exist_ok=True)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (main and config.progress),
+                   desc="GRPO", unit="step", dynamic_ncols=True)
+        while self.step < config.max_steps:
+            start = time.perf_counter()
+            if self.step % config.num_iterations == 0 or self.rollout is None:
+                self.rollout = self.generate_rollout(self._rows_for_rollout(self.step // config.num_iterations))
+            record = {"step": self.step + 1, **self._rollout_metrics(self.rollout), **self.optimize(self.rollout)}
+            record["step_time"] = time.perf_counter() - start
+            record["tokens_per_s"] = record["model_tokens"] / record["step_time"]
+            self.history.append(record)
+            if main:
+                if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}",
+                                clip=f"{record['clip_ratio']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            if (config.save_steps and self.step % config.save_steps == 0) or self.step == config.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        summary = self.summary()
+        if main and config.plot:
+            summary["plot"] = write_plot(self.history, os.path.join(config.output_dir, PLOT_FILE))
+        return summary
+
+    def summary(self) -> dict:
+        """First and final mean rewards (mean of the first / last 5 steps) and grouping's token savings."""
+        if not self.history:
+            return {}
+        window = max(1, min(5, len(self.history) // 4))
+        first = sum(r["reward"] for r in self.history[:window]) / window
+        final = sum(r["reward"] for r in self.history[-window:]) / window
+        repeated = sum(r["tokens_repeated"] for r in self.history)
+        grouped = sum(r["tokens_grouped"] for r in self.history)
+        return {"steps": self.step, "first_reward": first, "final_reward": final, "window": window,
+                "tokens_repeated": repeated, "tokens_grouped": grouped,
+                "seconds": sum(r["step_time"] for r in self.history)}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> str | None:
+        """``output_dir/checkpoint-<step>/``: model (``save_pretrained``) and tokenizer, plus
+        ``trainer_state.pt`` (optimizer, scheduler, RNG, step, rollout, config) for an exact resume."""
+        if self.rank != 0:
+            return None
+        path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
+        if os.path.exists(path):
+            raise FileExistsError(f"checkpoint {path} exists already; refusing to overwrite it")
+        os.makedirs(path)
+        self.model.save_pretrained(path)
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+        state = {
+            "step": self.step, "config": self.config.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rollout": self.rollout, "history": self.history,
+        }
+        torch.save(state, os.path.join(path, "trainer_state.pt"))
+        return path
+
+    def resume(self, checkpoint: str | bool) -> None:
+        """Restore a checkpoint (``True``: the latest in ``output_dir``). Refuses a checkpoint of
+        another config, and one whose later checkpoints would be overwritten."""
+        directory = self.config.output_dir
+        if checkpoint is True:
+            found = _checkpoints(directory)
+            if not found:
+                raise ValueError(f"resume: no {CHECKPOINT_PREFIX}<step> folder in {directory}")
+            checkpoint = found[-1][1]
+        state_path = os.path.join(checkpoint, "trainer_state.pt")
+        if not os.path.isfile(state_path):
+            raise ValueError(f"resume: {checkpoint} is not a pyfastrl checkpoint (no trainer_state.pt)")
+        state = torch.load(state_path, weights_only=False)
+        different = self.config.differences(state["config"])
+        if different:
+            raise ValueError("resume: the checkpoint was written with another config: " + "; ".join(different))
+        later = [path for step, path in _checkpoints(directory) if step > state["step"]]
+        if later:
+            raise ValueError(f"resume: resuming from step {state['step']} would overwrite the later checkpoints "
+                             f"{', '.join(later)}; resume from the latest or move them away")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.rollout, self.history = state["step"], state["rollout"], state["history"]
+        metrics = os.path.join(directory, METRICS_FILE)
+        if self.rank == 0 and os.path.isfile(metrics):
+            # Lines logged after the checkpoint are kept aside, not lost.
+            with open(metrics) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+            if len(kept) < len(lines):
+                aside = os.path.join(directory, f"metrics.before-resume-{self.step}.jsonl")
+                os.replace(metrics, aside)
+                with open(metrics, "w") as f:
+                    f.writelines(kept)
+                print(f"resume: metrics logged after step {self.step} moved to {aside}")
+
+
+def _checkpoints(directory: str) -> list:
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def _refuse_existing_run(directory: str) -> None:
+    existing = [os.path.join(directory, METRICS_FILE)] if os.path.exists(os.path.join(directory, METRICS_FILE)) else []
+    existing += [path for _, path in _checkpoints(directory)]
+    if existing:
+        raise FileExistsError(f"{directory} already holds a run ({', '.join(existing[:3])}); resume it "
+                              "(--resume / resume_from_checkpoint=True) or choose another output directory")
+
+
+def write_plot(history: list, path: str) -> str | None:
+    """Reward, KL and step time per step as a PNG; None (after saying why) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    steps = [r["step"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("reward", "kl", "step_time"), ("mean reward", "KL to reference", "step time (s)")):
+        ax.plot(steps, [r[key] for r in history])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
