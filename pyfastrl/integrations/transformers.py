@@ -73,7 +73,7 @@ def _fallback_attention(module, query, key, value, attention_mask, scaling, drop
 
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and q_len > 1:
-        # Our mask entry returned None for a cache-free, padding-free call (see _mask); two things a
+        # Our mask entry returned None for a cache-free, padding-free call (see sdpa_mask_unless_plain_causal); two things a
         # real mask would have carried are handled here instead.
         positions = kwargs.get("position_ids")
         if positions is not None and not torch.compiler.is_compiling():
@@ -100,9 +100,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     return _grouped_attention(module, query, key, value, attention_mask, layout, scaling, dropout, kwargs)
 
 
-def _mask(*, attention_mask=None, q_offset=0, kv_offset=0, q_length=None, kv_length=None, **kwargs):
-    """Mask entry for ``"pyfastrl_prefix"``: None for a cache-free call without a padding mask (a
-    grouped forward owns its mask; a plain causal one needs none), transformers' SDPA mask otherwise."""
+def sdpa_mask_unless_plain_causal(*, attention_mask=None, q_offset=0, kv_offset=0, q_length=None, kv_length=None,
+                                  **kwargs):
+    """Mask entry of our attention registrations: None for a cache-free call without a padding mask
+    (a grouped forward owns its mask; a plain causal one needs none, the op is causal), transformers'
+    SDPA mask otherwise."""
     from transformers.masking_utils import sdpa_mask
 
     no_cache = (q_offset == 0 or q_offset is None) and kv_offset == 0 and kv_length == q_length
@@ -120,7 +122,7 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask_unless_plain_causal)
 
 
 # ---------------------------------------------------------------------------------------------------

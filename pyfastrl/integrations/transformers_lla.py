@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from pyfastrl.integrations.transformers import sdpa_mask_unless_plain_causal
 from pyfastrl.nn import LocalLinearAttention
 
 ATTN_IMPLEMENTATION = "pyfastrl_lla"
@@ -50,24 +51,15 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return out, None
 
 
-def _mask(*, attention_mask=None, q_offset=0, kv_offset=0, q_length=None, kv_length=None, **kwargs):
-    """Mask entry for ``"pyfastrl_lla"``: causality is built into the op, so a cache-free call without
-    padding needs no mask; anything else gets transformers' SDPA mask (which the attention refuses)."""
-    from transformers.masking_utils import sdpa_mask
-
-    if attention_mask is None and (q_offset or 0) == 0 and kv_offset == 0 and kv_length == q_length:
-        return None
-    return sdpa_mask(attention_mask=attention_mask, q_offset=q_offset, kv_offset=kv_offset, q_length=q_length,
-                     kv_length=kv_length, **kwargs)
-
-
 def register() -> None:
     """Register ``"pyfastrl_lla"`` with transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, lla_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+    # Causality is built into the op: a cache-free, padding-free call needs no mask; any other mask
+    # reaches lla_attention_forward, which refuses it.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask_unless_plain_causal)
 
 
 def _attention_layers(model: torch.nn.Module):
