@@ -168,8 +168,10 @@ def _check_tensors(q, k, v, backend: str) -> None:
                 "split the batch"
             )
     if _data_checks_enabled():
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not bool(torch.isfinite(t).all()):
+        # One host synchronisation for the three tensors, not one each.
+        finite = torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).tolist()
+        for name, ok in zip("qkv", finite):
+            if not ok:
                 raise ValueError(f"{_OP}: {name} contains NaN or infinite values")
 
 

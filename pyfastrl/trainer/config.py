@@ -121,10 +121,12 @@ class GRPOConfig:
 
 
 def load_config_file(path: str) -> dict:
-    """Options from a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against GRPOConfig's
+    """Options from a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file, checked against GRPOConfig's
     fields (an unknown name is an error naming it)."""
     if not os.path.isfile(path):
         raise ValueError(f"--config: no such file: {path}")
+    if not path.endswith((".toml", ".yaml", ".yml", ".json")):
+        raise ValueError(f"--config: {path} must end in .toml, .yaml, .yml or .json")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -132,17 +134,13 @@ def load_config_file(path: str) -> dict:
             import tomllib
 
             options = tomllib.loads(raw.decode())
-        elif path.endswith((".yaml", ".yml")):
-            import yaml
-
-            options = yaml.safe_load(raw) or {}
         elif path.endswith(".json"):
             options = json.loads(raw)
         else:
-            raise ValueError(f"--config: {path} must end in .toml, .yaml, .yml or .json")
+            import yaml
+
+            options = yaml.safe_load(raw) or {}
     except Exception as error:  # the parsers' own error types (TOMLDecodeError, YAMLError, JSONDecodeError)
-        if str(error).startswith("--config"):
-            raise
         raise ValueError(f"--config: cannot parse {path}: {error}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--config: {path} must hold a table of options, got {type(options).__name__}")
