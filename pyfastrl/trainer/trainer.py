@@ -245,14 +245,16 @@ class GRPOTrainer:
         return pft.build_repeated_batch(prompt_ids, completion_ids, pad_token_id=self.pad_token_id, device=self.device)
 
     @torch.no_grad()
-    def _logprobs(self, model, rollout: Rollout) -> list:
-        out = []
+    def _logprobs(self, models: list, rollout: Rollout) -> list:
+        """Per model, its packed completion-token log-probs of each micro-batch (each batch built once)."""
+        out = [[] for _ in models]
         for prompts, _ in self._micro_batches(rollout):
             batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
-            hidden = pft.completion_hidden_states(model, batch)
-            head = model.get_output_embeddings()
-            out.append(selective_logprobs(hidden, head.weight, batch.target_ids, bias=head.bias,
-                                          temperature=self.config.temperature))
+            for model, per_batch in zip(models, out):
+                hidden = pft.completion_hidden_states(model, batch)
+                head = model.get_output_embeddings()
+                per_batch.append(selective_logprobs(hidden, head.weight, batch.target_ids, bias=head.bias,
+                                                    temperature=self.config.temperature))
         return out
 
     def generate_rollout(self, rows: list) -> Rollout:
@@ -265,10 +267,11 @@ class GRPOTrainer:
         advantages = grpo_advantages(rewards, group_size=self.config.num_generations,
                                      scale=self.config.scale_rewards).to(torch.float32)
         rollout = Rollout(rows, prompt_ids, completion_ids, texts, rewards, per_function, advantages, None, None)
-        if self.config.num_iterations > 1:
-            rollout.old_logprobs = self._logprobs(self.model, rollout)
-        if self.ref_model is not None:
-            rollout.ref_logprobs = self._logprobs(self.ref_model, rollout)
+        wanted = {"old_logprobs": self.model if self.config.num_iterations > 1 else None,
+                  "ref_logprobs": self.ref_model}
+        wanted = {field: model for field, model in wanted.items() if model is not None}
+        for field, logprobs in zip(wanted, self._logprobs(list(wanted.values()), rollout)):
+            setattr(rollout, field, logprobs)
         return rollout
 
     # ------------------------------------------------------------------------------------ update
