@@ -62,3 +62,16 @@ def write_report(out_dir: str, benchmark: str, config: dict, cases: list[dict]) 
     print(f"\n{report['gpu']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit'][:10]}")
     print(f"results written to {path}")
     return report
+
+
+def measure_or_record_failure(measure) -> dict:
+    """``measure()``'s result dict, or ``{"error": ...}`` when it runs out of GPU memory or raises
+    (one failing method or peer must not stop the run). Frees the cached GPU memory either way."""
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+    finally:
+        torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from common import parse_args_or_skip, write_report
+from common import measure_or_record_failure, parse_args_or_skip, write_report
 from pyfastrl import fused_linear_grpo_loss
 from pyfastrl.kernels.grpo_loss.reference import naive_grpo_loss, naive_token_logprobs
 
@@ -123,8 +123,7 @@ def run_case(tokens: int, device) -> dict:
             "skipped": skipped}
     hidden, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
     for name, fn in methods.items():
-        result = {}
-        try:
+        def measure():
             def step():
                 return torch.autograd.grad(fn(hidden, weight), (hidden, weight))
 
@@ -135,15 +134,12 @@ def run_case(tokens: int, device) -> dict:
             base = torch.cuda.memory_allocated()
             step()
             torch.cuda.synchronize()
-            result["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            result["fwd_bwd_ms"] = _time_ms(step)
+            result = {"peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                      "fwd_bwd_ms": _time_ms(step)}
             result["tflops"] = flops / result["fwd_bwd_ms"] / 1e9
-        except torch.cuda.OutOfMemoryError:
-            result = {"error": "out of memory"}
-        except Exception as error:  # a peer that fails must not stop the run
-            result = {"error": f"{type(error).__name__}: {error}"[:300]}
-        case["methods"][name] = result
-        torch.cuda.empty_cache()
+            return result
+
+        case["methods"][name] = measure_or_record_failure(measure)
     floor = case["methods"]["matmul_floor"].get("fwd_bwd_ms")
     for result in case["methods"].values():
         if floor and "fwd_bwd_ms" in result:

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from common import parse_args_or_skip, write_report
+from common import measure_or_record_failure, parse_args_or_skip, write_report
 from pyfastrl import local_linear_attention
 
 HEADS, RIDGE = 16, 1.0
@@ -102,16 +102,13 @@ def run_case(tokens: int, head_dim: int, device) -> dict:
     grad_out = torch.randn_like(q)
     case = {"T": tokens, "D": head_dim, "methods": {}}
     for name, fn in _methods(tokens).items():
-        try:
+        def measure():
             forward_ms = _time_ms(lambda: fn(q, k, v))
             fwd_bwd_ms = _time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out))
-            case["methods"][name] = {"fwd_ms": forward_ms, "fwd_bwd_ms": fwd_bwd_ms,
-                                     "bwd_over_fwd": (fwd_bwd_ms - forward_ms) / forward_ms}
-        except torch.cuda.OutOfMemoryError:
-            case["methods"][name] = {"error": "out of memory"}
-        except Exception as error:  # a failing method must not stop the run
-            case["methods"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-        torch.cuda.empty_cache()
+            return {"fwd_ms": forward_ms, "fwd_bwd_ms": fwd_bwd_ms,
+                    "bwd_over_fwd": (fwd_bwd_ms - forward_ms) / forward_ms}
+
+        case["methods"][name] = measure_or_record_failure(measure)
     _, stats = local_linear_attention(q.detach(), k.detach(), v.detach(), ridge_lambda=RIDGE, backend="triton",
                                       return_solver_stats=True)
     case["cg_iterations_mean"] = stats.iterations.float().mean().item()

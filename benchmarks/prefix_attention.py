@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import parse_args_or_skip, write_report
+from common import measure_or_record_failure, parse_args_or_skip, write_report
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -144,8 +144,8 @@ def run_case(prefix: int, suffix: int, group: int, device: torch.device) -> dict
     torch.cuda.synchronize()
     case["setup_ms_all_methods"] = start.elapsed_time(end)
     for name, (inputs, fn, _) in methods.items():
-        result = {}
-        try:
+        def measure():
+            result = {}
             grad = torch.randn_like(fn(*inputs))
             torch.cuda.synchronize()
             result["fwd_ms"] = _time_ms(lambda: fn(*inputs))
@@ -158,12 +158,9 @@ def run_case(prefix: int, suffix: int, group: int, device: torch.device) -> dict
             result["input_mib"] = sum(t.numel() * t.element_size() for t in inputs) / 2**20
             result["fwd_tflops"] = useful_flops(layout, HEADS, HEAD_DIM, False) / result["fwd_ms"] / 1e9
             result["fwd_bwd_tflops"] = useful_flops(layout, HEADS, HEAD_DIM, True) / result["fwd_bwd_ms"] / 1e9
-        except torch.cuda.OutOfMemoryError:
-            result = {"error": "out of memory"}
-        except Exception as error:  # a peer that fails must not stop the run
-            result = {"error": f"{type(error).__name__}: {error}"[:300]}
-        case["methods"][name] = result
-        torch.cuda.empty_cache()
+            return result
+
+        case["methods"][name] = measure_or_record_failure(measure)
     return case
 
 

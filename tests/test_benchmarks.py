@@ -117,3 +117,18 @@ def test_write_report_records_environment_config_and_cases(tmp_path, capsys):
     assert written["benchmark"] == "demo_case" and written["config"] == {"dtype": "bfloat16"}
     assert written["cases"] == [{"n": 1}] and "commit" in written and "gpu" in written
     assert "demo_case.json" in capsys.readouterr().out
+
+
+def test_a_failing_method_is_recorded_not_raised():
+    common = load_benchmark("common")
+    assert common.measure_or_record_failure(lambda: {"ms": 1.0}) == {"ms": 1.0}
+
+    def crash():
+        raise RuntimeError("kernel launch failed")
+
+    assert common.measure_or_record_failure(crash) == {"error": "RuntimeError: kernel launch failed"}
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert common.measure_or_record_failure(out_of_memory) == {"error": "out of memory"}
