@@ -27,36 +27,22 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfastrl._backend import triton_interpreting
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+from pyfastrl.kernels.attention_common import INTERPRETED, LN2, LOG2E, dot
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 # Per-row scalars the query kernel hands to the key kernel, in this order.
 ROW_STATS = ("rbar", "eta_kbar", "xi_kbar", "cbar")
 
-# Triton's interpreter multiplies bf16 dot operands as raw bits and ignores TF32 modes: under it
-# every product is an upcast IEEE fp32 one. Compiled kernels never take that branch.
-_INTERPRETED = triton_interpreting()
-
 
 def _tiles(head_dim: int) -> tuple[int, int, int]:
     """(query rows per program, key columns per tile, warps). The solver keeps ~8 fp32 (rows x D)
     vectors live, so wide heads take fewer rows."""
-    if _INTERPRETED:
+    if INTERPRETED:
         return 16, 16, 4
     if head_dim <= 64:
         return 64, 32, 4
     return 32, 32, 8
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -92,7 +78,7 @@ def _key_tile(base, stride_t, offs_n, offs_d, hi):
 @triton.jit
 def _probs(q, k, offs_m, offs_n, lse2, scale_log2, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Causal softmax probabilities (rows x keys) of a key tile from the rows' log2-sum-exp."""
-    s = _dot(q, tl.trans(k), PRECISION, INTERPRETED) * scale_log2
+    s = dot(q, tl.trans(k), PRECISION, INTERPRETED) * scale_log2
     return tl.where(offs_n[None, :] <= offs_m[:, None], tl.exp2(s - lse2[:, None]), 0.0)
 
 
@@ -106,8 +92,8 @@ def _ridge_matvec(d, q, kbar, ridge, lse2, k_base, stride_kt, offs_m, offs_d, hi
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, PRECISION, INTERPRETED)
         k32 = k.to(tl.float32)
-        projection = _dot(d, tl.trans(k32), "tf32x3", INTERPRETED)
-        acc += _dot(p * projection, k32, "tf32x3", INTERPRETED)
+        projection = dot(d, tl.trans(k32), "tf32x3", INTERPRETED)
+        acc += dot(p * projection, k32, "tf32x3", INTERPRETED)
     return acc - tl.sum(kbar * d, 1)[:, None] * kbar + ridge * d
 
 
@@ -169,15 +155,15 @@ def _forward_kernel(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
-        s = _dot(q, tl.trans(k), PRECISION, INTERPRETED) * scale_log2
+        s = dot(q, tl.trans(k), PRECISION, INTERPRETED) * scale_log2
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         k32 = k.to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
-        sum_k = sum_k * alpha[:, None] + _dot(p, k32, "tf32x3", INTERPRETED)
-        sum_k2 = sum_k2 * alpha[:, None] + _dot(p, k32 * k32, "tf32x3", INTERPRETED)
+        sum_k = sum_k * alpha[:, None] + dot(p, k32, "tf32x3", INTERPRETED)
+        sum_k2 = sum_k2 * alpha[:, None] + dot(p, k32 * k32, "tf32x3", INTERPRETED)
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)
     kbar = sum_k / l_i[:, None]
@@ -197,15 +183,15 @@ def _forward_kernel(
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
         v = _key_tile(v_base, stride_vt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, PRECISION, INTERPRETED)
-        weights = p * (1.0 + _dot(eta, tl.trans(k.to(tl.float32)), "tf32x3", INTERPRETED) - eta_kbar[:, None])
-        acc += _dot(weights, v.to(tl.float32), "tf32x3", INTERPRETED)
+        weights = p * (1.0 + dot(eta, tl.trans(k.to(tl.float32)), "tf32x3", INTERPRETED) - eta_kbar[:, None])
+        acc += dot(weights, v.to(tl.float32), "tf32x3", INTERPRETED)
 
     row_mask = m_valid[:, None]
     tl.store(O + b * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_mask)
     tl.store(ETA + b * stride_ob + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], eta,
              mask=row_mask)
-    tl.store(LSE + batch_head * num_tokens + offs_m, lse2 * _LN2, mask=m_valid)
+    tl.store(LSE + batch_head * num_tokens + offs_m, lse2 * LN2, mask=m_valid)
     tl.store(RESIDUAL + batch_head * num_tokens + offs_m, relative, mask=m_valid)
     tl.store(ITERATIONS + batch_head * tl.num_programs(0) + block, iterations)
 
@@ -225,7 +211,7 @@ def _backward_query_kernel(
     row_offset = b * stride_ob + head * stride_oh
     g = _rows(DO + row_offset, offs_m, stride_ot, offs_d, m_valid)
     eta = _rows(ETA + row_offset, offs_m, stride_ot, offs_d, m_valid)
-    lse2 = tl.load(LSE + batch_head * num_tokens + offs_m, mask=m_valid, other=0.0) * _LOG2E
+    lse2 = tl.load(LSE + batch_head * num_tokens + offs_m, mask=m_valid, other=0.0) * LOG2E
     k_base = K + b * stride_kb + (head // REP) * stride_kh
     v_base = V + b * stride_vb + (head // REP) * stride_vh
     ridge = tl.load(RIDGE + head)
@@ -241,10 +227,10 @@ def _backward_query_kernel(
         v = _key_tile(v_base, stride_vt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, PRECISION, INTERPRETED)
         k32 = k.to(tl.float32)
-        pr = p * _dot(g, tl.trans(v.to(tl.float32)), "tf32x3", INTERPRETED)
-        kbar += _dot(p, k32, "tf32x3", INTERPRETED)
-        sum_k2 += _dot(p, k32 * k32, "tf32x3", INTERPRETED)
-        sum_rk += _dot(pr, k32, "tf32x3", INTERPRETED)
+        pr = p * dot(g, tl.trans(v.to(tl.float32)), "tf32x3", INTERPRETED)
+        kbar += dot(p, k32, "tf32x3", INTERPRETED)
+        sum_k2 += dot(p, k32 * k32, "tf32x3", INTERPRETED)
+        sum_rk += dot(pr, k32, "tf32x3", INTERPRETED)
         rbar += tl.sum(pr, 1)
     diag = tl.maximum(sum_k2 - kbar * kbar + ridge, ridge)
 
@@ -263,11 +249,11 @@ def _backward_query_kernel(
         v = _key_tile(v_base, stride_vt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, PRECISION, INTERPRETED)
         kt32 = tl.trans(k.to(tl.float32))
-        a = 1.0 + _dot(eta, kt32, "tf32x3", INTERPRETED) - eta_kbar[:, None]
-        bcoef = (_dot(g, tl.trans(v.to(tl.float32)), "tf32x3", INTERPRETED) - rbar[:, None]
-                 - _dot(xi, kt32, "tf32x3", INTERPRETED) + xi_kbar[:, None])
+        a = 1.0 + dot(eta, kt32, "tf32x3", INTERPRETED) - eta_kbar[:, None]
+        bcoef = (dot(g, tl.trans(v.to(tl.float32)), "tf32x3", INTERPRETED) - rbar[:, None]
+                 - dot(xi, kt32, "tf32x3", INTERPRETED) + xi_kbar[:, None])
         ds = p * (a * bcoef - cbar[:, None])
-        dq += _dot(ds, k.to(tl.float32), "tf32x3", INTERPRETED)
+        dq += dot(ds, k.to(tl.float32), "tf32x3", INTERPRETED)
     dq = dq * scale + xi
 
     row_mask = m_valid[:, None]
@@ -323,23 +309,23 @@ def _backward_key_kernel(
             eta = _rows(ETA + row_offset, offs_m, stride_ot, offs_d, m_valid)
             xi = _rows(XI + row_offset, offs_m, stride_ot, offs_d, m_valid)
             row = batch_head * num_tokens + offs_m
-            lse2 = tl.load(LSE + row, mask=m_valid, other=0.0) * _LOG2E
+            lse2 = tl.load(LSE + row, mask=m_valid, other=0.0) * LOG2E
             rbar = tl.load(ROWS + row, mask=m_valid, other=0.0)
             eta_kbar = tl.load(ROWS + rows_stride + row, mask=m_valid, other=0.0)
             xi_kbar = tl.load(ROWS + 2 * rows_stride + row, mask=m_valid, other=0.0)
             cbar = tl.load(ROWS + 3 * rows_stride + row, mask=m_valid, other=0.0)
             # Transposed tiles (keys x queries): p^T and the per-pair coefficients.
-            s = _dot(k, tl.trans(q), PRECISION, INTERPRETED) * scale_log2
+            s = dot(k, tl.trans(q), PRECISION, INTERPRETED) * scale_log2
             keep = m_valid[None, :] & (offs_m[None, :] >= offs_n[:, None])
             p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
-            a = 1.0 + _dot(k32, tl.trans(eta), "tf32x3", INTERPRETED) - eta_kbar[None, :]
-            bcoef = (_dot(v32, tl.trans(g), "tf32x3", INTERPRETED) - rbar[None, :]
-                     - _dot(k32, tl.trans(xi), "tf32x3", INTERPRETED) + xi_kbar[None, :])
+            a = 1.0 + dot(k32, tl.trans(eta), "tf32x3", INTERPRETED) - eta_kbar[None, :]
+            bcoef = (dot(v32, tl.trans(g), "tf32x3", INTERPRETED) - rbar[None, :]
+                     - dot(k32, tl.trans(xi), "tf32x3", INTERPRETED) + xi_kbar[None, :])
             pa = p * a
             ds = p * (a * bcoef - cbar[None, :])
-            dv += _dot(pa, g, "tf32x3", INTERPRETED)
-            dk += (scale * _dot(ds, q.to(tl.float32), "tf32x3", INTERPRETED)
-                   + _dot(p * bcoef, eta, "tf32x3", INTERPRETED) - _dot(pa, xi, "tf32x3", INTERPRETED))
+            dv += dot(pa, g, "tf32x3", INTERPRETED)
+            dk += (scale * dot(ds, q.to(tl.float32), "tf32x3", INTERPRETED)
+                   + dot(p * bcoef, eta, "tf32x3", INTERPRETED) - dot(pa, xi, "tf32x3", INTERPRETED))
 
     kv_mask = n_valid[:, None]
     # dK and dV are contiguous (B, T, Hkv, D), whatever the strides of K and V.
@@ -357,7 +343,7 @@ def _constants(q: torch.Tensor, k: torch.Tensor):
     return dict(
         REP=q.shape[2] // k.shape[2], HEAD_DIM=q.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         # input_precision matters only for fp32 operands; bf16/fp16 products are exact in fp32.
-        PRECISION="tf32x3" if q.dtype == torch.float32 else None, INTERPRETED=_INTERPRETED,
+        PRECISION="tf32x3" if q.dtype == torch.float32 else None, INTERPRETED=INTERPRETED,
         num_warps=num_warps,
     )
 
@@ -378,7 +364,7 @@ def forward(q, k, v, ridge, scale: float, tolerance: float, max_iterations: int)
     iterations = torch.empty((batch, num_heads, blocks), dtype=torch.int32, device=q.device)
     _forward_kernel[(blocks, batch * num_heads)](
         q, k, v, ridge, out, eta, lse, residual, iterations, *_strides(q, k, v, out),
-        num_tokens, num_heads, scale * _LOG2E.value, tolerance**2, max_iterations, **const,
+        num_tokens, num_heads, scale * LOG2E.value, tolerance**2, max_iterations, **const,
     )
     return out, eta, lse, residual, iterations
 
@@ -399,12 +385,12 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float, tolerance: float,
     strides = _strides(q, k, v, grad_out)
     _backward_query_kernel[(blocks, batch * num_heads)](
         q, k, v, ridge, grad_out, eta, lse, dq, xi, rows, dridge_rows, residual, iterations, *strides,
-        num_tokens, num_heads, scale, scale * _LOG2E.value, tolerance**2, max_iterations, **const,
+        num_tokens, num_heads, scale, scale * LOG2E.value, tolerance**2, max_iterations, **const,
     )
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _backward_key_kernel[(triton.cdiv(num_tokens, const["BLOCK_N"]), batch * k.shape[2])](
         q, k, v, grad_out, eta, xi, lse, rows, dk, dv, *strides, *dk.stride()[:3],
-        num_tokens, k.shape[2], scale, scale * _LOG2E.value, **const,
+        num_tokens, k.shape[2], scale, scale * LOG2E.value, **const,
     )
     return dq, dk, dv, dridge_rows.sum((0, 2)), residual, iterations

@@ -21,22 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfastrl._backend import triton_interpreting
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+from pyfastrl.kernels.attention_common import INTERPRETED, LN2, LOG2E, dot
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
-# Triton's interpreter (3.8, 3.9) multiplies bf16 dot operands as raw uint16 bits; under it the
-# kernels upcast dot operands to fp32. Compiled kernels never take that branch.
-_UPCAST_DOTS = triton_interpreting()
-
 
 def block_sizes(head_dim: int) -> tuple[int, int, int]:
     """Rows per program of (forward, dQ, dK/dV): the block sizes of the layout tables to pass."""
-    if _UPCAST_DOTS:
+    if INTERPRETED:
         return 16, 16, 16
     if head_dim <= 128:
         return 128, 64, 64
@@ -45,20 +38,13 @@ def block_sizes(head_dim: int) -> tuple[int, int, int]:
 
 def _inner_tile(head_dim: int) -> int:
     """Columns of the tile each program loops over (keys in forward/dQ, queries in dK/dV)."""
-    if _UPCAST_DOTS:
+    if INTERPRETED:
         return 16
     return 64 if head_dim <= 128 else 32
 
 
 def _num_warps(head_dim: int) -> int:
     return 4 if head_dim <= 64 else 8
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -121,21 +107,21 @@ def _forward_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_valid = offs_n < hi
             kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
-            s = _dot(q, kt, UPCAST, PRECISION) * scale_log2
+            s = dot(q, kt, PRECISION, UPCAST) * scale_log2
             s = tl.where(_key_tile_mask(phase, offs_m, offs_n, hi), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    tl.store(LSE + head * num_tokens + offs_m, (m_i + tl.log2(l_safe)) * _LN2, mask=m_valid)
+    tl.store(LSE + head * num_tokens + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=m_valid)
 
 
 @triton.jit
@@ -189,13 +175,13 @@ def _backward_dkdv_kernel(
                          mask=qd_mask, other=0.0)
             lse = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0)
             delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
+            s = dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
             keep = m_valid[:, None] & n_valid[None, :] & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, tl.exp2(s - lse[:, None] * _LOG2E), 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
-            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+            p = tl.where(keep, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
+            dv += dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = dot(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -218,7 +204,7 @@ def _backward_dq_kernel(
         BLOCKS, Q, stride_qt, stride_qh, head, HEAD_DIM, BLOCK_D, BLOCK_M)
     qd_mask = m_valid[:, None] & d_valid[None, :]
     do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * _LOG2E
+    lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * LOG2E
     delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
     k_base = K + kv_head * stride_kh + offs_d[:, None]
     v_base = V + kv_head * stride_vh + offs_d[:, None]
@@ -231,11 +217,11 @@ def _backward_dq_kernel(
             dn_mask = d_valid[:, None] & (offs_n < hi)[None, :]
             kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=dn_mask, other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * stride_vt, mask=dn_mask, other=0.0)
-            s = _dot(q, kt, UPCAST, PRECISION) * scale_log2
+            s = dot(q, kt, PRECISION, UPCAST) * scale_log2
             keep = m_valid[:, None] & _key_tile_mask(phase, offs_m, offs_n, hi)
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (_dot(do, vt, UPCAST, PRECISION) - delta[:, None])
-            dq += _dot(ds.to(kt.dtype), tl.trans(kt), UPCAST, PRECISION)
+            ds = p * (dot(do, vt, PRECISION, UPCAST) - delta[:, None])
+            dq += dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -247,7 +233,7 @@ def _common(q: torch.Tensor, k: torch.Tensor):
         REP=q.shape[1] // k.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        UPCAST=_UPCAST_DOTS,
+        UPCAST=INTERPRETED,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_num_warps(head_dim),
     )
@@ -263,7 +249,7 @@ def forward(q, k, v, query_blocks, scale: float):
     _forward_kernel[grid](
         q, k, v, out, lse, query_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        num_tokens, scale * _LOG2E.value,
+        num_tokens, scale * LOG2E.value,
         BLOCK_M=block_sizes(head_dim)[0], BLOCK_N=_inner_tile(head_dim), num_stages=2, **_common(q, k),
     )
     return out, lse
@@ -289,13 +275,13 @@ def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float):
     _backward_dkdv_kernel[(dkdv_blocks.shape[0], k.shape[1])](
         q, k, v, grad_out, lse, delta, dk, dv, dkdv_blocks, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        num_tokens, scale, scale * _LOG2E.value,
+        num_tokens, scale, scale * LOG2E.value,
         BLOCK_M=_inner_tile(head_dim), BLOCK_N=block_dkdv, num_stages=1, **common,
     )
     _backward_dq_kernel[(dq_blocks.shape[0], num_heads)](
         q, k, v, grad_out, lse, delta, dq, dq_blocks, *strides,
         dq.stride(0), dq.stride(1),
-        num_tokens, scale, scale * _LOG2E.value,
+        num_tokens, scale, scale * LOG2E.value,
         BLOCK_M=block_dq, BLOCK_N=_inner_tile(head_dim), num_stages=1, **common,
     )
     return dq, dk, dv
