@@ -1,8 +1,10 @@
 """The thin GRPO trainer and ``pyfastrl train``: end to end on the built-in default, grouped vs
 repeated steps, exact resume, bad input."""
 import copy
+import dataclasses
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -130,6 +132,8 @@ def test_bad_configs_and_datasets(tmp_path):
         GRPOConfig(num_generations=1)
     with pytest.raises(ValueError, match="multiple of num_generations"):
         GRPOConfig(per_device_train_batch_size=6, num_generations=4)
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        GRPOConfig(distributed="zero3")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
@@ -164,21 +168,180 @@ def test_local_model_and_dataset_from_the_command_line(tmp_path, capsys):
     assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
 
 
-def test_two_processes_over_gloo(tmp_path):
-    """``torchrun --nproc_per_node 2``: DistributedDataParallel on CPU over gloo, metrics reduced."""
+def _torchrun(output_dir, *flags):
+    """``torchrun --nproc_per_node 2 pyfastrl train`` on CPU over gloo: 3 steps of the default task,
+    a checkpoint after each (step 2 reuses step 1's rollout, step 3 samples a new one)."""
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = output_dir.parent / f"{output_dir.name}.toml"
+    config.write_text("save_steps = 1\nprogress = false\nplot = false\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pyfastrl.cli", "train",
-               "--output-dir", str(out), "--max-steps", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+               "--output-dir", str(output_dir), "--max-steps", "3", "--config", str(config), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "over 2 process(es)" in result.stdout and result.stdout.count("done: 2 steps") == 1
+    return result.stdout
+
+
+def _weights(checkpoint):
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def _without_timings(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time", "tokens_per_s")}
+            for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """The same 2-process run under DistributedDataParallel and under FSDP2."""
+    root = tmp_path_factory.mktemp("distributed")
+    return {mode: (root / mode, _torchrun(root / mode, "--distributed", mode)) for mode in ("ddp", "fsdp")}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_over_gloo(two_process_runs, mode):
+    """``torchrun --nproc_per_node 2``: each process rolls out its own prompts, metrics are reduced."""
+    out, stdout = two_process_runs[mode]
+    assert f"over 2 process(es) ({mode})" in stdout and stdout.count("done: 3 steps") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["tokens_repeated"] > r["tokens_grouped"] for r in records)
     # Reduced over both processes: 2 x 8 prompts of the instruction + " x", each once in the grouped batch.
     prompt_tokens = len(default_task.INSTRUCTION) + 2
     assert all(r["tokens_grouped"] - r["completion_tokens"] == 16 * prompt_tokens for r in records)
+    state = torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["processes"]) == 2
+    # Each process sampled its own completions (seeded per rank).
+    assert state["processes"][0]["rollout"].completions != state["processes"][1]["rollout"].completions
+
+
+def test_fsdp_and_ddp_take_the_same_steps(two_process_runs):
+    """FSDP2 (sharded parameters, reduce-scattered gradients) and DDP (all-reduced gradients) give the
+    same parameters after every step, up to float32 summation order."""
+    ddp, fsdp = two_process_runs["ddp"][0], two_process_runs["fsdp"][0]
+    for step in (1, 2, 3):
+        a, b = _weights(ddp / f"checkpoint-{step}"), _weights(fsdp / f"checkpoint-{step}")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=lambda m: f"step {step} {name}: {m}")
+    first, last = _weights(fsdp / "checkpoint-1"), _weights(fsdp / "checkpoint-3")
+    assert sum(not torch.equal(first[name], last[name]) for name in first) > len(first) // 2
+    rewards = [[r["reward"] for r in _without_timings(run / "metrics.jsonl")] for run in (ddp, fsdp)]
+    assert rewards[0] == rewards[1]  # the same completions were sampled
+
+
+@pytest.mark.parametrize("written_by", ["fsdp", "ddp"])
+def test_two_process_resume_under_fsdp_is_exact(two_process_runs, tmp_path, written_by):
+    """Resuming after step 1 (each process's rollout and RNG restored; full-state checkpoints, so a DDP
+    checkpoint resumes under FSDP2 too) reproduces the uninterrupted FSDP2 run."""
+    import shutil
+
+    source, fsdp = two_process_runs[written_by][0], two_process_runs["fsdp"][0]
+    out = tmp_path / "resumed"
+    shutil.copytree(source / "checkpoint-1", out / "checkpoint-1")
+    (out / "metrics.jsonl").write_text((source / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    _torchrun(out, "--distributed", "fsdp", "--resume")
+    expected, resumed = _weights(fsdp / "checkpoint-3"), _weights(out / "checkpoint-3")
+    for name in expected:
+        if written_by == "fsdp":
+            assert torch.equal(expected[name], resumed[name]), name
+        else:  # step 1 was taken under DDP
+            torch.testing.assert_close(expected[name], resumed[name], atol=1e-5, rtol=0)
+    if written_by == "fsdp":
+        assert _without_timings(out / "metrics.jsonl") == _without_timings(fsdp / "metrics.jsonl")
+
+
+_STEP_ON_EACH_PROCESS = """
+import sys
+
+import torch
+
+from pyfastrl.trainer import GRPOTrainer, default_task
+
+
+def reward(prompts, completions, **_):
+    return [len(c) + sum(map(ord, c)) % 5 for c in completions]
+
+
+torch.distributed.init_process_group("gloo")
+steps = {}
+for loss_type in ("dapo", "grpo"):
+    tokenizer = default_task.build_tokenizer()
+    config = default_task.default_config(
+        output_dir=f"{sys.argv[1]}/{loss_type}", per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
+        max_completion_length=6, dtype="float64", backend="torch", learning_rate=1e-3, loss_type=loss_type,
+        beta=0.04, num_iterations=2, distributed=sys.argv[2], progress=False, plot=False)
+    trainer = GRPOTrainer(default_task.build_model(tokenizer, dtype=torch.float64), reward,
+                          default_task.build_dataset(64), config, tokenizer)
+    rollout = trainer.generate_rollout(trainer._rows_for_rollout(0))
+    rollouts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rollouts, rollout.to("cpu"))
+    metrics = trainer.optimize(rollout)
+    steps[loss_type] = (rollouts, metrics, trainer.save_checkpoint())
+if torch.distributed.get_rank() == 0:
+    torch.save(steps, sys.argv[1] + "/steps.pt")
+"""
+
+
+def _concatenated(rollouts):
+    """One rollout holding the processes' rollouts in rank order (lists joined, tensors concatenated)."""
+    from pyfastrl.trainer.trainer import Rollout
+
+    def join(values):
+        if values[0] is None:
+            return None
+        return sum(values, []) if isinstance(values[0], list) else torch.cat(values)
+
+    return Rollout(**{field.name: join([getattr(r, field.name) for r in rollouts])
+                      for field in dataclasses.fields(Rollout)})
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_two_process_step_equals_one_process_on_both_rollouts(tmp_path, mode):
+    """The distributed gradient scaling: a step of 2 processes (each its own rollout) equals a
+    single-process step on the two rollouts together, in float64, for a token-normalised (dapo) and a
+    per-sequence (grpo) loss, with KL and old log-probs."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "step.py"
+    script.write_text(_STEP_ON_EACH_PROCESS)
+    os.makedirs(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                             str(tmp_path / "run"), mode], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = torch.load(tmp_path / "run" / "steps.pt", weights_only=False)
+    tokenizer = default_task.build_tokenizer()
+    for loss_type, (rollouts, distributed_metrics, checkpoint) in steps.items():
+        assert rollouts[0].completions != rollouts[1].completions
+        single = GRPOTrainer(default_task.build_model(tokenizer, dtype=torch.float64), _varied_reward,
+                             default_task.build_dataset(64), default_task.default_config(
+                                 output_dir=str(tmp_path / loss_type), per_device_train_batch_size=8,
+                                 gradient_accumulation_steps=4, num_generations=4, max_completion_length=6,
+                                 dtype="float64", backend="torch", learning_rate=1e-3, loss_type=loss_type,
+                                 beta=0.04, num_iterations=2, progress=False, plot=False), tokenizer)
+        initial = {k: v.clone() for k, v in single.model.state_dict().items()}
+        metrics = single.optimize(_concatenated(rollouts))
+        for name in ("loss", "kl", "clip_ratio", "grad_norm", "completion_tokens"):
+            assert metrics[name] == pytest.approx(distributed_metrics[name], rel=1e-10, abs=1e-14), (loss_type, name)
+        distributed = _weights(pathlib.Path(checkpoint))
+        moved = 0
+        for name, value in single.model.state_dict().items():
+            moved += int(not torch.equal(value, initial[name]))
+            torch.testing.assert_close(distributed[name], value, atol=1e-12, rtol=0,
+                                       msg=lambda m: f"{loss_type} {name}: {m}")
+        assert moved > len(initial) // 2
+
+
+def test_resume_refuses_another_number_of_processes(two_process_runs, tmp_path):
+    tokenizer = default_task.build_tokenizer()
+    config = default_task.default_config(output_dir=str(tmp_path), max_steps=3, progress=False, plot=False)
+    trainer = GRPOTrainer(default_task.build_model(tokenizer), default_task.letter_reward,
+                          default_task.build_dataset(), config, tokenizer)
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1"):
+        trainer.resume(str(two_process_runs["fsdp"][0] / "checkpoint-1"))

@@ -7,6 +7,8 @@ import importlib
 import json
 import os
 
+from pyfastrl.trainer.config import DISTRIBUTED
+
 DESCRIPTION = """\
 Train with GRPO through pyfastrl's ops (prefix-grouped policy forward, fused GRPO loss).
 
@@ -40,6 +42,10 @@ def add_parser(commands) -> None:
     train.add_argument("--num-generations", type=int, help="completions per prompt (G >= 2)")
     train.add_argument("--no-grouping", action="store_true",
                        help="run the policy on the repeated-prompt batch instead of the prefix-grouped one")
+    train.add_argument("--distributed", choices=DISTRIBUTED,
+                       help="under torchrun --nproc_per_node N: ddp (DistributedDataParallel, a full replica per "
+                       "process; the default) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state "
+                       "sharded over the processes, each decoder layer gathered only while it runs)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                        help="resume from CHECKPOINT, or the latest checkpoint in --output-dir")
     train.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
@@ -119,7 +125,7 @@ def run(args) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     options = load_config_file(args.config) if args.config else {}
     flags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
-             "num_generations": args.num_generations, "seed": args.seed}
+             "num_generations": args.num_generations, "seed": args.seed, "distributed": args.distributed}
     options.update({k: v for k, v in flags.items() if v is not None})
     if args.no_grouping:
         options["use_prefix_grouping"] = False
@@ -142,7 +148,8 @@ def run(args) -> int:
     what = "built-in tiny Llama on the letter task" if builtin else f"{args.model} on {args.dataset}"
     if trainer.rank == 0:
         print(f"training {what}: {config.max_steps} steps, {config.prompts_per_step * trainer.world_size} prompts x "
-              f"{config.num_generations} completions per step over {trainer.world_size} process(es), device "
+              f"{config.num_generations} completions per step over {trainer.world_size} process(es)"
+              f"{f' ({config.distributed})' if trainer.world_size > 1 else ''}, device "
               f"{device}, output {config.output_dir}", flush=True)
     summary = trainer.train(resume_from_checkpoint=args.resume)
     if trainer.rank == 0 and summary:

@@ -12,9 +12,10 @@ from pyfastrl.kernels.grpo_loss.reference import ADVANTAGE_SCALES, IMPORTANCE_SA
 
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+DISTRIBUTED = ("ddp", "fsdp")
 # Options that may differ between a checkpoint and the run resuming from it (they do not change the
 # optimisation already done).
-RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress")
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress", "distributed")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class GRPOConfig:
     use_prefix_grouping: bool = True  # the prompt once per group (pyfastrl_prefix attention) vs repeated
     backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
     dtype: str = "float32"  # model dtype
+    distributed: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard)
     plot: bool = True  # write metrics.png at the end (needs matplotlib)
     progress: bool = True  # live progress bar
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run
@@ -104,6 +106,7 @@ class GRPOConfig:
             fail("beta" if self.beta < 0 else "weight_decay", "must be >= 0")
         choices = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
                    "scale_rewards": ADVANTAGE_SCALES, "lr_scheduler_type": SCHEDULERS, "dtype": DTYPES,
+                   "distributed": DISTRIBUTED,
                    "backend": ("auto", "torch", "triton")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

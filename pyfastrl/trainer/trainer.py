@@ -13,12 +13,18 @@ One optimizer step:
 3. gradient clipping, AdamW, the learning-rate schedule.
 
 Under ``torchrun`` (``torch.distributed`` initialised) each process rolls out its own prompts (whole
-groups, so advantages need no communication), the model is wrapped in DistributedDataParallel
-(gradients summed), and the token normaliser and the logged metrics are reduced over processes.
+groups, so advantages need no communication), the token normaliser and the logged metrics are
+reduced over processes, and the policy is wrapped by ``config.distributed``: DistributedDataParallel
+(a full replica per process, gradients all-reduced) or FSDP2 (``fully_shard``: parameters, gradients
+and optimizer state sharded, each decoder layer gathered only while it runs; the reference model is
+sharded the same way). Checkpoints hold full (unsharded) state either way, so a run may resume with
+the other wrapper, but not with another number of processes (each process's rollout and RNG are
+part of the state).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +58,13 @@ class Rollout:
     old_logprobs: list | None  # per micro-batch, packed (K_mb,) completion-token log-probs
     ref_logprobs: list | None
 
+    def to(self, device) -> "Rollout":
+        """A copy with the per-micro-batch log-probs on ``device`` (the rest lives on the CPU)."""
+        def move(tensors):
+            return None if tensors is None else [t.to(device) for t in tensors]
+
+        return dataclasses.replace(self, old_logprobs=move(self.old_logprobs), ref_logprobs=move(self.ref_logprobs))
+
 
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -65,19 +78,59 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class _PolicyLoss(torch.nn.Module):
-    """The policy and its loss in one module, so DistributedDataParallel can wrap the whole forward."""
+def _gather_to_rank0(value) -> list | None:
+    """Every process's ``value`` on rank 0 (in rank order), None elsewhere."""
+    rank, world_size = _distributed()
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size if rank == 0 else None
+    torch.distributed.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+class _Policy(torch.nn.Module):
+    """A causal LM and the three things the trainer does with it, as methods of one module: the
+    loss (``forward``), log-probs and sampling. DistributedDataParallel wraps ``forward``; FSDP2
+    gathers the parameters it shards around all three (``_shard``)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
+    def _head(self):
+        return self.model.get_output_embeddings()
+
     def forward(self, batch, loss_options: dict):
         hidden = pft.completion_hidden_states(self.model, batch)
-        head = self.model.get_output_embeddings()
         cu_seqlens = torch.nn.functional.pad(batch.completion_lens.cumsum(0), (1, 0)).to(torch.int32)
-        return fused_linear_grpo_loss(hidden, head.weight, batch.target_ids, None, bias=head.bias,
+        return fused_linear_grpo_loss(hidden, self._head().weight, batch.target_ids, None, bias=self._head().bias,
                                       cu_seqlens=cu_seqlens, **loss_options)
+
+    @torch.no_grad()
+    def logprobs(self, batch, temperature: float) -> torch.Tensor:
+        hidden = pft.completion_hidden_states(self.model, batch)
+        return selective_logprobs(hidden, self._head().weight, batch.target_ids, bias=self._head().bias,
+                                  temperature=temperature)
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.model.generate(**kwargs)
+
+
+def _shard(policy: _Policy, device: torch.device) -> None:
+    """FSDP2 over all processes: each decoder layer (the model's ``_no_split_modules``) is its own
+    unit, the rest (embeddings, final norm, LM head) the root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (_distributed()[1],))
+    layer_types = set(getattr(policy.model, "_no_split_modules", None) or ())
+    for module in policy.model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    for method in ("logprobs", "generate"):
+        register_fsdp_forward_method(policy, method)
 
 
 class GRPOTrainer:
@@ -120,14 +173,19 @@ class GRPOTrainer:
         self.model = model.to(_DTYPES[config.dtype])
         self.model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
         self.device = next(self.model.parameters()).device
-        self.ref_model = None
+        self.ref_policy = None
         if config.beta > 0:
-            self.ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(_DTYPES[config.dtype])
-            self.ref_model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
-            self.ref_model.requires_grad_(False).eval()
-        self.policy_loss = _PolicyLoss(self.model)
-        if self.world_size > 1:
-            self.policy_loss = torch.nn.parallel.DistributedDataParallel(self.policy_loss)
+            ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(_DTYPES[config.dtype])
+            ref_model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+            self.ref_policy = _Policy(ref_model.requires_grad_(False).eval())
+        self.policy = _Policy(self.model)
+        self.policy_loss = self.policy  # what the loss is called through
+        if self.world_size > 1 and config.distributed == "fsdp":
+            for policy in (self.policy, self.ref_policy):
+                if policy is not None:
+                    _shard(policy, self.device)
+        elif self.world_size > 1:
+            self.policy_loss = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -191,11 +249,14 @@ class GRPOTrainer:
             attention_mask[i, width - p.numel():] = 1
         was_training = self.model.training
         self.model.eval()
-        sequences = self.model.generate(
+        sequences = self.policy.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), do_sample=True,
             temperature=config.temperature, top_p=config.top_p, top_k=0, max_new_tokens=config.max_completion_length,
             num_return_sequences=config.num_generations, pad_token_id=self.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            # Sharded layers are gathered collectively at every decoding step, so a process whose
+            # completions all ended keeps stepping until every process's have.
+            synced_gpus=self.world_size > 1 and config.distributed == "fsdp",
         )[:, width:].cpu()
         self.model.train(was_training)
         completions = []
@@ -244,17 +305,13 @@ class GRPOTrainer:
             return pft.build_grouped_batch(prompt_ids, completion_ids, device=self.device)
         return pft.build_repeated_batch(prompt_ids, completion_ids, pad_token_id=self.pad_token_id, device=self.device)
 
-    @torch.no_grad()
-    def _logprobs(self, models: list, rollout: Rollout) -> list:
-        """Per model, its packed completion-token log-probs of each micro-batch (each batch built once)."""
-        out = [[] for _ in models]
+    def _logprobs(self, policies: list, rollout: Rollout) -> list:
+        """Per policy, its packed completion-token log-probs of each micro-batch (each batch built once)."""
+        out = [[] for _ in policies]
         for prompts, _ in self._micro_batches(rollout):
             batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
-            for model, per_batch in zip(models, out):
-                hidden = pft.completion_hidden_states(model, batch)
-                head = model.get_output_embeddings()
-                per_batch.append(selective_logprobs(hidden, head.weight, batch.target_ids, bias=head.bias,
-                                                    temperature=self.config.temperature))
+            for policy, per_batch in zip(policies, out):
+                per_batch.append(policy.logprobs(batch, self.config.temperature))
         return out
 
     def generate_rollout(self, rows: list) -> Rollout:
@@ -267,8 +324,8 @@ class GRPOTrainer:
         advantages = grpo_advantages(rewards, group_size=self.config.num_generations,
                                      scale=self.config.scale_rewards).to(torch.float32)
         rollout = Rollout(rows, prompt_ids, completion_ids, texts, rewards, per_function, advantages, None, None)
-        wanted = {"old_logprobs": self.model if self.config.num_iterations > 1 else None,
-                  "ref_logprobs": self.ref_model}
+        wanted = {"old_logprobs": self.policy if self.config.num_iterations > 1 else None,
+                  "ref_logprobs": self.ref_policy}
         wanted = {field: model for field, model in wanted.items() if model is not None}
         for field, logprobs in zip(wanted, self._logprobs(list(wanted.values()), rollout)):
             setattr(rollout, field, logprobs)
@@ -288,11 +345,11 @@ class GRPOTrainer:
             beta=config.beta, max_completion_length=config.max_completion_length,
             num_items_in_batch=global_tokens, backend=config.backend,
         )
-        # dapo/cispo normalise by the global token count already; the per-micro-batch means of the
-        # other loss types are averaged over micro-batches and processes (as TRL does).
-        per_micro_batch = 1.0 if config.loss_type in ("dapo", "cispo") else 1.0 / config.gradient_accumulation_steps
-        # DistributedDataParallel averages gradients over processes; the loss wants their sum.
-        scale = per_micro_batch * (self.world_size if config.loss_type in ("dapo", "cispo") else 1.0)
+        # DistributedDataParallel and FSDP2 average gradients over processes. dapo/cispo losses are
+        # normalised by the global token count already, so they are scaled to make that average their
+        # sum; the other loss types' per-micro-batch means are averaged over micro-batches and
+        # processes (as TRL does).
+        scale = self.world_size if config.loss_type in ("dapo", "cispo") else 1.0 / config.gradient_accumulation_steps
         self.model.train()
         sums = torch.zeros(6, dtype=torch.float64)  # loss, kl, clip_ratio, entropy (token-weighted), tokens x2
         for index, (prompts, completions) in enumerate(self._micro_batches(rollout)):
@@ -306,18 +363,21 @@ class GRPOTrainer:
                                                      "advantages": rollout.advantages[completions].to(self.device)})
             (loss * scale).backward()
             tokens = float(batch.completion_lens.sum())
-            sums += torch.tensor([loss.item() * per_micro_batch, float(metrics["kl"]) * tokens,
+            sums += torch.tensor([loss.item() * scale, float(metrics["kl"]) * tokens,
                                   float(metrics["clip_ratio"]) * tokens, float(metrics["entropy"]) * tokens,
                                   tokens, float(batch.input_ids.numel() if self.config.use_prefix_grouping
                                                 else batch.attention_mask.sum())], dtype=torch.float64)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         sums = _all_reduce_sum(sums)
         tokens = max(sums[4].item(), 1.0)
-        return {"loss": sums[0].item(), "kl": sums[1].item() / tokens, "clip_ratio": sums[2].item() / tokens,
+        # The gradient is that of the process average of the scaled losses: report the same number.
+        return {"loss": sums[0].item() / self.world_size, "kl": sums[1].item() / tokens, "clip_ratio": sums[2].item() / tokens,
                 "entropy": sums[3].item() / tokens, "completion_tokens": int(sums[4]),
                 "model_tokens": int(sums[5]), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 
@@ -396,29 +456,43 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> str | None:
         """``output_dir/checkpoint-<step>/``: model (``save_pretrained``) and tokenizer, plus
-        ``trainer_state.pt`` (optimizer, scheduler, RNG, step, rollout, config) for an exact resume."""
-        if self.rank != 0:
-            return None
+        ``trainer_state.pt`` (full model and optimizer state, scheduler, step, config, and each
+        process's RNG and rollout) for an exact resume. Every process takes part (FSDP2 gathers the
+        shards); rank 0 writes. Returns the path on rank 0, None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
         path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
+        # Checked on every process before any collective, so a refusal stops them all alike.
         if os.path.exists(path):
             raise FileExistsError(f"checkpoint {path} exists already; refusing to overwrite it")
-        os.makedirs(path)
-        self.model.save_pretrained(path)
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(path)
-        state = {
-            "step": self.step, "config": self.config.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        processes = _gather_to_rank0({
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "rollout": self.rollout, "history": self.history,
-        }
+            "rollout": None if self.rollout is None else self.rollout.to("cpu"),
+        })
+        if self.rank != 0:
+            return None
+        os.makedirs(path)
+        self.model.save_pretrained(path, state_dict=dict(model_state))  # a copy: it empties the dict it gets
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+        state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.world_size,
+                 "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                 "processes": processes, "history": self.history}
         torch.save(state, os.path.join(path, "trainer_state.pt"))
         return path
 
     def resume(self, checkpoint: str | bool) -> None:
-        """Restore a checkpoint (``True``: the latest in ``output_dir``). Refuses a checkpoint of
-        another config, and one whose later checkpoints would be overwritten."""
+        """Restore a checkpoint (``True``: the latest in ``output_dir``) on every process. Refuses a
+        checkpoint of another config or another number of processes, and one whose later checkpoints
+        would be overwritten."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
         directory = self.config.output_dir
         if checkpoint is True:
             found = _checkpoints(directory)
@@ -432,18 +506,24 @@ class GRPOTrainer:
         different = self.config.differences(state["config"])
         if different:
             raise ValueError("resume: the checkpoint was written with another config: " + "; ".join(different))
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"resume: the checkpoint was written by {state['world_size']} process(es), this run "
+                             f"has {self.world_size}; each process's rollout and RNG are part of the state")
         later = [path for step, path in _checkpoints(directory) if step > state["step"]]
         if later:
             raise ValueError(f"resume: resuming from step {state['step']} would overwrite the later checkpoints "
                              f"{', '.join(later)}; resume from the latest or move them away")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.rollout, self.history = state["step"], state["rollout"], state["history"]
+        mine = state["processes"][self.rank]
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate(mine["rng"]["python"])
+        if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+        self.rollout = None if mine["rollout"] is None else mine["rollout"].to(self.device)
+        self.step, self.history = state["step"], state["history"]
         metrics = os.path.join(directory, METRICS_FILE)
         if self.rank == 0 and os.path.isfile(metrics):
             # Lines logged after the checkpoint are kept aside, not lost.
