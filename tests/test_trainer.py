@@ -177,7 +177,7 @@ def _torchrun(output_dir, *flags):
     config = output_dir.parent / f"{output_dir.name}.toml"
     config.write_text("save_steps = 1\nprogress = false\nplot = false\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pyfastrl.cli", "train",
-               "--output-dir", str(output_dir), "--max-steps", "3", "--config", str(config), *flags]
+               "--output-dir", str(output_dir), "--max-steps", "3", "--config", str(config), "--device", "cpu", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -120,7 +120,11 @@ def run(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # Launched by torchrun: one process per device (gloo on CPU, nccl on GPUs).
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"torchrun started a process with LOCAL_RANK={local_rank} but this node has "
+                                 f"{torch.cuda.device_count()} GPU(s): one process per GPU, or --device cpu (gloo)")
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     options = load_config_file(args.config) if args.config else {}
