@@ -1,20 +1,20 @@
-"""Microbenchmark: fused LM-head GRPO loss vs the paths a user would otherwise take.
+"""Benchmark case ``grpo-loss``: the fused LM-head GRPO loss vs the paths a user would otherwise take.
 
-    python benchmarks/grpo_loss.py [--quick] [--out DIR]
+    pyfastrl bench grpo-loss [--quick] [--cpu]     (or python benchmarks/grpo_loss.py)
 
 Tokens in {4096, 16384, 65536} (rows of 1024 completion tokens, every token valid so that all
-methods do the same FLOPs), H = 4096, V = 151,936 (Qwen), bf16, token-level dapo loss with
-old log-probs (both clip sides active). Forward + backward (gradients for hidden and weight):
+methods do the same FLOPs), H = 4096, V = 151,936 (Qwen), bf16, token-level dapo loss with old
+log-probs (both clip sides active). Forward + backward (gradients for hidden and weight):
   pyfastrl            fused_linear_grpo_loss, Triton backend (chunked; logits never all alive)
-  torch_unfused       materialised logits (bf16 matmul), fp32 log_softmax, TRL's formulas, autograd
+  pyfastrl_torch      the same op's plain PyTorch backend (chunked)
+  torch_unfused       the baseline: materialised logits (bf16 matmul), fp32 log_softmax, TRL's
+                      formulas, autograd
   liger_fused_linear  Liger-Kernel LigerFusedLinearGRPOLoss (chunked, torch.compile), if importable
-  liger_triton        Liger-Kernel triton_grpo_loss on materialised logits, if importable
+  liger_triton        Liger-Kernel triton_grpo_loss on materialised logits, if importable (CUDA)
   matmul_floor        the three tokens x H x V matmuls alone (logits, dh, dW): the physical floor
-Median ms (triton.testing.do_bench), TFLOP/s of the floor's 6*N*H*V FLOPs, time relative to the
-floor, and peak memory beyond the inputs. A method that runs out of memory or fails is recorded as
-such and the run goes on.
-
-Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
+Useful work, the same for every method: the floor's 6*N*H*V FLOPs; bytes: hidden and weight read,
+their gradients written, targets, old log-probs and advantages read, once each.
+With --cpu: H=64, V=2048, fp32, tokens {256, 1024}, the torch backends only.
 """
 from __future__ import annotations
 
@@ -22,13 +22,18 @@ import sys
 
 import torch
 
-from common import measure_or_record_failure, parse_args_or_skip, write_report
+import harness
 from pyfastrl import fused_linear_grpo_loss
 from pyfastrl.kernels.grpo_loss.reference import naive_grpo_loss, naive_token_logprobs
 
-HIDDEN, VOCAB, ROW_LENGTH = 4096, 151_936, 1024
+NAME = "grpo-loss"
+PLOT = {"x": "tokens", "series": None, "baseline": "torch_unfused", "ours": "pyfastrl",
+        "not_peers": ("matmul_floor",)}
+CUDA_SHAPE = dict(hidden=4096, vocab=151_936, row_length=1024, dtype=torch.bfloat16)
+CPU_SHAPE = dict(hidden=64, vocab=2048, row_length=128, dtype=torch.float32)
 FULL_TOKENS = (4096, 16384, 65536)
 QUICK_TOKENS = (4096, 16384)
+CPU_TOKENS = (256, 1024)
 LOSS = dict(loss_type="dapo", eps_low=0.2, eps_high=0.28)
 
 
@@ -37,14 +42,22 @@ def floor_flops(tokens: int, hidden: int, vocab: int) -> float:
     return 3 * 2.0 * tokens * hidden * vocab
 
 
-def make_inputs(tokens: int, hidden: int, vocab: int, device, dtype=torch.bfloat16, row_length: int = ROW_LENGTH):
-    """Random inputs: hidden ``(B, L, H)``, weight ``(V, H)`` at LM-head scale, targets, mask,
-    advantages of both signs and old log-probs 0.3 (in log space) away from the current ones."""
+def useful_bytes(tokens: int, hidden: int, vocab: int, element_size: int, rows: int) -> float:
+    """Compulsory traffic: hidden and weight read and their gradients written, targets (int64), old
+    log-probs (fp32) and the mask read per token, advantages (fp32) per row."""
+    return 2 * element_size * (tokens * hidden + vocab * hidden) + tokens * (8 + 4 + 1) + rows * 4
+
+
+def make_inputs(tokens: int, hidden: int, vocab: int, device, dtype=torch.bfloat16, row_length: int = 1024,
+                seed: int = 0):
+    """Random inputs: hidden ``(B, L, H)`` and weight ``(V, H)`` at LM-head scale (both requiring
+    grad), targets, mask, advantages of both signs and old log-probs 0.3 (in log space) away from
+    the current ones."""
     rows = max(1, tokens // row_length)
     length = tokens // rows
-    g = torch.Generator(device=device).manual_seed(0)
-    h = torch.randn(rows, length, hidden, device=device, generator=g).to(dtype)
-    w = (torch.randn(vocab, hidden, device=device, generator=g) * hidden**-0.5).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(rows, length, hidden, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, generator=g) * hidden**-0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, vocab, (rows, length), device=device, generator=g)
     mask = torch.ones(rows, length, dtype=torch.bool, device=device)
     adv = torch.randn(rows, device=device, generator=g)
@@ -54,127 +67,91 @@ def make_inputs(tokens: int, hidden: int, vocab: int, device, dtype=torch.bfloat
     return h, w, targets, mask, adv, old
 
 
-def build_methods(h, w, targets, mask, adv, old, backend: str = "triton") -> dict:
-    """Each method as ``fn(hidden, weight) -> loss`` (None for the floor, which has no loss), plus
-    ``{name: reason}`` for the peers that could not be set up."""
+class _MatmulFloor(torch.autograd.Function):
+    """The three matmuls alone: logits forward, then dh = logits @ W and dW = logits^T @ h."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        ctx.logits = hidden @ weight.t()
+        return ctx.logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        return ctx.logits @ weight, ctx.logits.t() @ hidden
+
+
+def build_methods(*, cuda: bool) -> tuple[dict, dict]:
+    """``({name: fn(h, w, targets, mask, adv, old) -> loss}, {name: reason})``."""
     methods, skipped = {}, {}
 
-    def ours(hidden, weight):
-        return fused_linear_grpo_loss(hidden, weight, targets, mask, advantages=adv, old_logprobs=old,
-                                      backend=backend, **LOSS)[0]
+    def ours(backend):
+        def loss(h, w, targets, mask, adv, old):
+            return fused_linear_grpo_loss(h, w, targets, mask, advantages=adv, old_logprobs=old, backend=backend,
+                                          **LOSS)[0]
+        return loss
 
-    def unfused(hidden, weight):
-        logp, _ = naive_token_logprobs(hidden, weight, targets)
+    def unfused(h, w, targets, mask, adv, old):
+        logp, _ = naive_token_logprobs(h, w, targets)
         return naive_grpo_loss(logp, mask, adv, old, **LOSS)[0]
 
-    class _Floor(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight):
-            ctx.save_for_backward(hidden, weight)
-            ctx.logits = hidden @ weight.t()
-            return ctx.logits.new_zeros(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            hidden, weight = ctx.saved_tensors
-            logits = ctx.logits
-            return logits @ weight, logits.t() @ hidden
-
-    methods["pyfastrl"] = ours
+    methods["pyfastrl"] = ours("triton" if cuda else "torch")
+    if cuda:
+        methods["pyfastrl_torch"] = ours("torch")
     methods["torch_unfused"] = unfused
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         liger = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28)
-
-        def liger_fused(hidden, weight):
-            return liger(hidden, weight, targets, mask.long(), adv, old_per_token_logps=old)[0]
-
-        methods["liger_fused_linear"] = liger_fused
-    except Exception as error:  # not installed, or an API this script does not know
+        methods["liger_fused_linear"] = lambda h, w, targets, mask, adv, old: liger(
+            h, w, targets, mask.long(), adv, old_per_token_logps=old)[0]
+    except Exception as error:  # not installed, or an API this file does not know
         skipped["liger_fused_linear"] = f"{type(error).__name__}: {error}"[:200]
-    try:
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    if not cuda:
+        skipped["liger_triton"] = "a Triton kernel: CUDA only"
+    else:
+        try:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-        def liger_triton(hidden, weight):
-            # It wants logits (B, L+1, V) whose last position is dropped: materialise them.
-            logits = torch.cat([hidden, hidden[:, -1:]], 1) @ weight.t()
-            return triton_grpo_loss(logits, old, None, targets, adv, mask.long(), temperature=1.0, beta=0.0,
-                                    eps_low=0.2, eps_high=0.28, loss_type="dapo")[0]
+            def liger_triton(h, w, targets, mask, adv, old):
+                # It wants logits (B, L+1, V) whose last position is dropped: materialise them.
+                logits = torch.cat([h, h[:, -1:]], 1) @ w.t()
+                return triton_grpo_loss(logits, old, None, targets, adv, mask.long(), temperature=1.0, beta=0.0,
+                                        eps_low=0.2, eps_high=0.28, loss_type="dapo")[0]
 
-        methods["liger_triton"] = liger_triton
-    except Exception as error:
-        skipped["liger_triton"] = f"{type(error).__name__}: {error}"[:200]
-    methods["matmul_floor"] = lambda hidden, weight: _Floor.apply(hidden.flatten(0, 1), weight)
+            methods["liger_triton"] = liger_triton
+        except Exception as error:
+            skipped["liger_triton"] = f"{type(error).__name__}: {error}"[:200]
+    methods["matmul_floor"] = lambda h, w, *_: _MatmulFloor.apply(h.flatten(0, 1), w)
     return methods, skipped
 
 
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=50, return_mode="median")
-
-
-def run_case(tokens: int, device) -> dict:
-    h, w, targets, mask, adv, old = make_inputs(tokens, HIDDEN, VOCAB, device)
-    methods, skipped = build_methods(h, w, targets, mask, adv, old)
-    flops = floor_flops(tokens, HIDDEN, VOCAB)
-    case = {"tokens": tokens, "rows": h.shape[0], "floor_tflop": flops / 1e12, "methods": {},
-            "skipped": skipped}
-    hidden, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
-    for name, fn in methods.items():
-        def measure():
-            def step():
-                return torch.autograd.grad(fn(hidden, weight), (hidden, weight))
-
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            result = {"peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
-                      "fwd_bwd_ms": _time_ms(step)}
-            result["tflops"] = flops / result["fwd_bwd_ms"] / 1e9
-            return result
-
-        case["methods"][name] = measure_or_record_failure(measure)
-    floor = case["methods"]["matmul_floor"].get("fwd_bwd_ms")
-    for result in case["methods"].values():
-        if floor and "fwd_bwd_ms" in result:
-            result["x_floor"] = result["fwd_bwd_ms"] / floor
-    return case
-
-
-def _print_table(cases: list[dict]) -> None:
-    print(f"\n{'tokens':>7} | {'method':<19}| {'f+b ms':>9} {'TFLOP/s':>8} {'x floor':>8} | {'peak MiB':>9}")
-    for case in cases:
-        for name, r in case["methods"].items():
-            head = f"{case['tokens']:>7} | {name:<19}|"
-            if "error" in r:
-                print(f"{head} {r['error']}")
-                continue
-            print(f"{head} {r['fwd_bwd_ms']:>9.2f} {r['tflops']:>8.1f} {r.get('x_floor', 0):>8.2f} | "
-                  f"{r['peak_extra_mib']:>9.0f}")
-        for name, reason in case["skipped"].items():
-            print(f"{case['tokens']:>7} | {name:<19}| skipped: {reason}")
-
-
-def main(argv=None) -> int:
-    args = parse_args_or_skip(argv, __doc__, "grpo_loss.py", "tokens 4096 and 16384 only")
-    if args is None:
-        return 0
-    device = torch.device("cuda")
-    grid = QUICK_TOKENS if args.quick else FULL_TOKENS
+def run(runner: harness.Runner):
+    shape = CPU_SHAPE if runner.cpu else CUDA_SHAPE
+    hidden, vocab, row_length, dtype = shape["hidden"], shape["vocab"], shape["row_length"], shape["dtype"]
+    grid = CPU_TOKENS if runner.cpu else (QUICK_TOKENS if runner.quick else FULL_TOKENS)
+    methods, skipped = build_methods(cuda=not runner.cpu)
     cases = []
-    for i, tokens in enumerate(grid):
-        print(f"[{i + 1}/{len(grid)}] tokens={tokens} H={HIDDEN} V={VOCAB} ...", flush=True)
-        cases.append(run_case(tokens, device))
-    _print_table(cases)
-    write_report(args.out, "grpo_loss", {"dtype": "bfloat16", "H": HIDDEN, "V": VOCAB, "row_length": ROW_LENGTH, **LOSS}, cases)
-    return 0
+    for index, tokens in enumerate(grid):
+        harness.progress(index, len(grid), f"tokens={tokens} H={hidden} V={vocab}")
+        sets = runner.input_sets(lambda seed: make_inputs(tokens, hidden, vocab, runner.device, dtype, row_length, seed))
+        rows = sets[0][0].shape[0]
+        flops = floor_flops(tokens, hidden, vocab)
+        nbytes = useful_bytes(tokens, hidden, vocab, torch.finfo(dtype).bits // 8, rows)
+        case = {"params": {"tokens": tokens}, "work": {"rows": rows, "floor_tflop": flops / 1e12,
+                                                       "input_sets": len(sets)},
+                "methods": {}, "skipped": dict(skipped)}
+        for name, fn in methods.items():
+            def step(h, w, *rest):
+                return torch.autograd.grad(fn(h, w, *rest), (h, w))
+
+            case["methods"][name] = {"fwd_bwd": runner.measure(step, sets, flops=flops, nbytes=nbytes)}
+        del sets
+        cases.append(case)
+    config = {"dtype": str(dtype).removeprefix("torch."), "H": hidden, "V": vocab, "row_length": row_length, **LOSS}
+    return config, cases
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([NAME, *sys.argv[1:]]))

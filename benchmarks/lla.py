@@ -1,19 +1,26 @@
-"""Benchmark: local linear attention (LLA) speed against softmax attention, and its regression quality.
+"""Benchmark case ``lla``: local linear attention's regression quality and its speed against softmax.
 
-    python benchmarks/lla.py [--quick] [--out DIR]
+    pyfastrl bench lla [--quick] [--cpu]     (or python benchmarks/lla.py)
 
 1. In-context regression quality (any machine, float64, torch backend): context pairs (k_j, v_j)
    with v = A k (linear) or v = tanh(2 A k) (nonlinear), d = 4, 128 pairs, a query drawn like the
    keys, lambda = 1e-3, tau = 0.5, 200 trials. MSE of the prediction at the query for softmax
    attention, LLA, and a global affine ridge regression on all pairs (the uniform-weight limit).
-2. Speed (CUDA only): B = 1, 16 heads, T in {1024, 4096, 16384}, D in {64, 128}, bf16,
-   lambda = 1. Median ms (triton.testing.do_bench) of forward and forward+backward for
-     pyfastrl_triton   local_linear_attention, Triton backend (CG to tolerance 1e-5)
+2. Speed: B = 1, 16 heads, T in {1024, 4096, 16384}, D in {64, 128}, bf16, lambda = 1. Forward and
+   forward+backward of
+     pyfastrl          local_linear_attention, Triton backend (CG to tolerance 1e-5)
      pyfastrl_torch    the chunked torch backend (direct Cholesky solves; T <= 4096)
-     sdpa_flash        softmax attention, SDPA's FlashAttention-2 backend
+     sdpa_softmax      softmax attention, SDPA on its FlashAttention-2 backend (CPU: SDPA's CPU kernel)
    with the CG iterations the forward used (mean and max over query blocks), and the targets'
-   ratios: LLA forward / flash forward (target <= 10 at T=4096, D=64) and LLA backward / LLA
-   forward (target <= 2.5). A method that fails or runs out of memory is recorded as such.
+   ratios: LLA forward / softmax (flash) forward (target <= 10 at T=4096, D=64) and LLA backward / LLA
+   forward (target <= 2.5).
+   Useful work: softmax attention 4*D per attended (query, key) pair and head forward, 2.5x that
+   backward. LLA: its CG algorithm's arithmetic, per pair and head 12*D + 4*D per CG iteration
+   (scores twice, moment sums, one matrix-free matvec sweep per iteration, output), with the mean
+   iteration count measured on the same inputs; backward counted as twice the forward (the adjoint
+   solve plus the gradient sweeps); the torch backend's direct solves as in lla_direct_flops.
+   Bytes: q, k, v read and o written (forward), then q, k, v, o, dO read and dq, dk, dv written.
+   With --cpu: T in {64, 128}, D = 16, 2 heads, fp32; the torch backend against SDPA's CPU kernel.
 """
 from __future__ import annotations
 
@@ -21,13 +28,46 @@ import sys
 
 import torch
 
-from common import measure_or_record_failure, parse_args_or_skip, write_report
+import harness
 from pyfastrl import local_linear_attention
 
+NAME = "lla"
+PLOT = {"x": "T", "series": "D", "baseline": "sdpa_softmax", "ours": "pyfastrl"}
 HEADS, RIDGE = 16, 1.0
 FULL_GRID = [(t, d) for t in (1024, 4096, 16384) for d in (64, 128)]
 QUICK_GRID = [(1024, 64), (4096, 64), (4096, 128)]
+CPU_GRID = [(64, 16), (128, 16)]
+CPU_HEADS = 2
 TORCH_BACKEND_MAX_T = 4096
+BACKWARD_FLOP_FACTOR = 2.5
+
+
+def causal_pairs(tokens: int) -> int:
+    return tokens * (tokens + 1) // 2
+
+
+def softmax_flops(tokens: int, heads: int, head_dim: int, backward: bool) -> float:
+    forward = 4.0 * head_dim * heads * causal_pairs(tokens)
+    return forward * (1.0 + BACKWARD_FLOP_FACTOR) if backward else forward
+
+
+def lla_flops(tokens: int, heads: int, head_dim: int, cg_iterations: float, backward: bool) -> float:
+    forward = (12.0 + 4.0 * cg_iterations) * head_dim * heads * causal_pairs(tokens)
+    return 3.0 * forward if backward else forward
+
+
+def lla_direct_flops(tokens: int, heads: int, head_dim: int, backward: bool) -> float:
+    """The torch backend's direct solves: per pair and head, scores and output 6*D plus the
+    weighted covariance 2*D^2; per query and head, a Cholesky factorisation D^3/3 and two triangular
+    solves 2*D^2. Backward counted as twice the forward."""
+    d = head_dim
+    forward = heads * (causal_pairs(tokens) * (6.0 * d + 2.0 * d * d) + tokens * (d**3 / 3 + 2.0 * d * d))
+    return 3.0 * forward if backward else forward
+
+
+def attention_bytes(tokens: int, heads: int, head_dim: int, element_size: int, backward: bool) -> float:
+    tensor = tokens * heads * head_dim * element_size
+    return 4 * tensor + (8 * tensor if backward else 0)  # q, k, v, o; then q, k, v, o, dO, dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- regression quality
@@ -71,84 +111,85 @@ def print_quality(table: dict) -> None:
 # ----------------------------------------------------------------------------- speed
 
 
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=50, return_mode="median")
-
-
-def _methods(tokens: int):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def build_methods(tokens: int, *, cuda: bool) -> tuple[dict, dict]:
+    """``({name: fn(q, k, v) -> out}, {name: reason})`` on ``(B, T, H, D)`` inputs."""
     def lla(backend):
         return lambda q, k, v: local_linear_attention(q, k, v, ridge_lambda=RIDGE, backend=backend)
 
-    def flash(q, k, v):
+    def softmax(q, k, v):
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if not cuda:
+            return torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True).transpose(1, 2)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return out.transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True).transpose(1, 2)
 
-    methods = {"pyfastrl_triton": lla("triton"), "sdpa_flash": flash}
-    if tokens <= TORCH_BACKEND_MAX_T:
+    methods, skipped = {"pyfastrl": lla("triton" if cuda else "torch"), "sdpa_softmax": softmax}, {}
+    if not cuda:
+        skipped["pyfastrl_torch"] = "on the CPU, pyfastrl is the torch backend already"
+    elif tokens <= TORCH_BACKEND_MAX_T:
         methods["pyfastrl_torch"] = lla("torch")
-    return methods
+    else:
+        skipped["pyfastrl_torch"] = f"T > {TORCH_BACKEND_MAX_T}: the per-query Cholesky solves take minutes"
+    return methods, skipped
 
 
-def run_case(tokens: int, head_dim: int, device) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, tokens, HEADS, head_dim, device=device, generator=g, dtype=torch.bfloat16)
-               .requires_grad_() for _ in range(3))
-    grad_out = torch.randn_like(q)
-    case = {"T": tokens, "D": head_dim, "methods": {}}
-    for name, fn in _methods(tokens).items():
-        def measure():
-            forward_ms = _time_ms(lambda: fn(q, k, v))
-            fwd_bwd_ms = _time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out))
-            return {"fwd_ms": forward_ms, "fwd_bwd_ms": fwd_bwd_ms,
-                    "bwd_over_fwd": (fwd_bwd_ms - forward_ms) / forward_ms}
-
-        case["methods"][name] = measure_or_record_failure(measure)
-    _, stats = local_linear_attention(q.detach(), k.detach(), v.detach(), ridge_lambda=RIDGE, backend="triton",
-                                      return_solver_stats=True)
-    case["cg_iterations_mean"] = stats.iterations.float().mean().item()
-    case["cg_iterations_max"] = int(stats.iterations.max())
-    ours, flash = case["methods"]["pyfastrl_triton"], case["methods"]["sdpa_flash"]
-    if "fwd_ms" in ours and "fwd_ms" in flash:
-        case["lla_fwd_over_flash_fwd"] = ours["fwd_ms"] / flash["fwd_ms"]
-    return case
-
-
-def print_speed(cases: list[dict]) -> None:
-    print(f"\n{'T':>6} {'D':>4} | {'method':<16}| {'fwd ms':>8} {'f+b ms':>8} {'bwd/fwd':>8}")
-    for case in cases:
-        for name, r in case["methods"].items():
-            head = f"{case['T']:>6} {case['D']:>4} | {name:<16}|"
-            if "error" in r:
-                print(f"{head} {r['error']}")
-            else:
-                print(f"{head} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>8.2f} {r['bwd_over_fwd']:>8.2f}")
-        print(f"{'':>11} | CG iterations mean {case['cg_iterations_mean']:.1f} max {case['cg_iterations_max']}; "
-              f"LLA fwd / flash fwd = {case.get('lla_fwd_over_flash_fwd', float('nan')):.1f}")
-
-
-def main(argv=None) -> int:
-    args = parse_args_or_skip(argv, __doc__, "lla.py", "T in {1024, 4096}, fewer head dims")
+def run(runner: harness.Runner):
     quality = regression_quality()
     print_quality(quality)
-    if args is None:
-        return 0
-    device = torch.device("cuda")
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    heads = CPU_HEADS if runner.cpu else HEADS
+    dtype = torch.float32 if runner.cpu else torch.bfloat16
+    grid = CPU_GRID if runner.cpu else (QUICK_GRID if runner.quick else FULL_GRID)
     cases = []
-    for i, (tokens, head_dim) in enumerate(grid):
-        print(f"[{i + 1}/{len(grid)}] T={tokens} D={head_dim} ...", flush=True)
-        cases.append(run_case(tokens, head_dim, device))
-    print_speed(cases)
-    config = {"dtype": "bfloat16", "batch": 1, "heads": HEADS, "ridge_lambda": RIDGE, "tolerance": 1e-5}
-    write_report(args.out, "lla", {**config, "regression_quality": quality}, cases)
-    return 0
+    for index, (tokens, head_dim) in enumerate(grid):
+        harness.progress(index, len(grid), f"T={tokens} D={head_dim}")
+
+        def make(seed):
+            g = torch.Generator(device=runner.device).manual_seed(seed)
+            q, k, v, grad = (torch.randn(1, tokens, heads, head_dim, device=runner.device, generator=g).to(dtype)
+                             for _ in range(4))
+            return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), grad
+
+        sets = runner.input_sets(make)
+        case = {"params": {"T": tokens, "D": head_dim}, "work": {"input_sets": len(sets)}, "methods": {}}
+        if not runner.cpu:
+            (q, k, v), _ = sets[0]
+            _, stats = local_linear_attention(q.detach(), k.detach(), v.detach(), ridge_lambda=RIDGE,
+                                              backend="triton", return_solver_stats=True)
+            case["work"]["cg_iterations_mean"] = stats.iterations.float().mean().item()
+            case["work"]["cg_iterations_max"] = int(stats.iterations.max())
+        methods, case["skipped"] = build_methods(tokens, cuda=not runner.cpu)
+        element = torch.finfo(dtype).bits // 8
+        for name, fn in methods.items():
+            def flops(backward):
+                if name == "sdpa_softmax":
+                    return softmax_flops(tokens, heads, head_dim, backward)
+                if "cg_iterations_mean" in case["work"] and name == "pyfastrl":  # the Triton CG solver
+                    return lla_flops(tokens, heads, head_dim, case["work"]["cg_iterations_mean"], backward)
+                return lla_direct_flops(tokens, heads, head_dim, backward)
+
+            result = {}
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                step = ((lambda inputs, grad: torch.autograd.grad(fn(*inputs), inputs, grad)) if backward
+                        else (lambda inputs, grad: fn(*inputs)))
+                result[mode] = runner.measure(step, sets, flops=flops(backward),
+                                              nbytes=attention_bytes(tokens, heads, head_dim, element, backward))
+            if "ms" in result["fwd"] and "ms" in result["fwd_bwd"]:
+                result["fwd_bwd"]["bwd_over_fwd"] = (result["fwd_bwd"]["ms"] - result["fwd"]["ms"]) / result["fwd"]["ms"]
+            case["methods"][name] = result
+        ours, softmax = case["methods"]["pyfastrl"], case["methods"]["sdpa_softmax"]
+        if "ms" in ours["fwd"] and "ms" in softmax["fwd"]:
+            case["lla_fwd_over_softmax_fwd"] = ours["fwd"]["ms"] / softmax["fwd"]["ms"]
+        solver = (f"CG iterations mean {case['work']['cg_iterations_mean']:.1f} max {case['work']['cg_iterations_max']}; "
+                  if "cg_iterations_mean" in case["work"] else "")
+        print(f"  {solver}LLA fwd / softmax fwd = {case.get('lla_fwd_over_softmax_fwd', float('nan')):.1f}; "
+              f"LLA bwd / fwd = {ours['fwd_bwd'].get('bwd_over_fwd', float('nan')):.2f}", flush=True)
+        cases.append(case)
+    config = {"dtype": str(dtype).removeprefix("torch."), "batch": 1, "heads": heads, "ridge_lambda": RIDGE,
+              "tolerance": 1e-5, "regression_quality": quality}
+    return config, cases
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([NAME, *sys.argv[1:]]))

@@ -1,29 +1,39 @@
-"""Model-level benchmark: one forward+backward training step, repeated-prompt batch vs grouped batch.
+"""Benchmark case ``model-step``: one training step of a decoder, repeated-prompt batch vs grouped batch.
 
-    python benchmarks/model_step.py [--quick] [--out DIR]
+    pyfastrl bench model-step [--quick] [--cpu]     (or python benchmarks/model_step.py)
 
 A ~0.5B-parameter decoder (Qwen2.5-0.5B's shape: 24 layers, hidden 896, 14 query / 2 kv heads,
-vocab 151,936), randomly initialised, bf16, on P in {1024, 4096}, S = 512, G in {4, 8, 16} (one
-prompt per step). The repeated batch runs transformers' SDPA attention; the grouped batch runs
-"pyfastrl_prefix" (Triton). Both compute the same completion log-probs (LM head only on completion
-positions) and backpropagate the same loss. Reports median step ms, speedup, the token-ratio bound
-G(P+S)/(P+GS), and peak memory. Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
+vocab 151,936), randomly initialised, bf16, one prompt of P in {1024, 4096} tokens with G in
+{4, 8, 16} completions of S = 512. Forward + backward of the completion log-probs (LM head only on
+completion positions) under a policy-gradient loss:
+  repeated   the baseline: every completion with its own prompt copy, transformers' SDPA attention
+  grouped    the prefix-grouped batch (each prompt once), "pyfastrl_prefix" attention (Triton)
+with the token-ratio bound G(P+S)/(P+GS) on the speedup. Useful work, the same for both: 6 FLOPs
+per non-embedding parameter per grouped token, the grouped rule's attention (4*D*Hq per pair and
+layer, 3.5x with backward) and the LM head on completion positions (6*H*V per completion token);
+bytes: every parameter read forward and backward and its gradient written.
+With --cpu: a 2-layer model (hidden 64, vocab 512), fp32, P in {64, 256}, S = 16, G = 4.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
-from common import parse_args_or_skip, write_report
+import harness
+from pyfastrl import PrefixGroupLayout
 from pyfastrl.integrations import transformers as pft
 
-MODEL_SHAPE = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
-                   tie_word_embeddings=True)
+NAME = "model-step"
+PLOT = {"x": "P", "series": "G", "baseline": "repeated", "ours": "grouped"}
+CUDA_MODEL = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
+                  tie_word_embeddings=True)
+CPU_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 FULL_GRID = [(p, 512, g) for p in (1024, 4096) for g in (4, 8, 16)]
 QUICK_GRID = [(1024, 512, 4), (4096, 512, 16)]
+CPU_GRID = [(64, 16, 4), (256, 16, 4)]
 
 
 def token_ratio_bound(prefix: int, suffix: int, group: int) -> float:
@@ -31,72 +41,74 @@ def token_ratio_bound(prefix: int, suffix: int, group: int) -> float:
     return group * (prefix + suffix) / (prefix + group * suffix)
 
 
-def _step_ms_and_peak(model, batch, implementation: str) -> tuple[float, float]:
-    from triton.testing import do_bench
-
-    model.set_attn_implementation(implementation)
-    advantages = torch.randn(batch.completion_lens.numel(), device="cuda")
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        logprobs, mask = pft.completion_logprobs(model, batch)
-        (-(advantages[:, None] * logprobs * mask).sum() / mask.sum()).backward()
-
-    ms = do_bench(step, warmup=3, rep=20, return_mode="median")
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+def step_flops(model_shape: dict, prefix: int, suffix: int, group: int) -> float:
+    """Training FLOPs of the grouped computation (what any method must do at least)."""
+    h, layers, heads = model_shape["hidden_size"], model_shape["num_hidden_layers"], model_shape["num_attention_heads"]
+    kv, ffn, vocab = model_shape["num_key_value_heads"], model_shape["intermediate_size"], model_shape["vocab_size"]
+    head_dim = h // heads
+    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * ffn  # q, o, k, v projections and the gated MLP
+    layout = PrefixGroupLayout([prefix], [[suffix] * group])
+    dense = 6.0 * layers * per_layer * layout.total_tokens
+    attention = 3.5 * 4.0 * head_dim * heads * layout.attention_pairs * layers
+    head = 6.0 * h * vocab * group * suffix
+    return dense + attention + head
 
 
-def main(argv=None) -> int:
-    args = parse_args_or_skip(argv, __doc__, "model_step.py", "two cases: (P, G) = (1024, 4) and (4096, 16)")
-    if args is None:
-        return 0
+def step_bytes(model) -> float:
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3.0 * parameters
+
+
+def build_model(runner: harness.Runner):
     import transformers
 
     pft.register()
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(**MODEL_SHAPE)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                          attn_implementation=pft.ATTN_IMPLEMENTATION).cuda()
-    model.train()
-    cases = []
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    for i, (p, s, g) in enumerate(grid):
-        print(f"[{i + 1}/{len(grid)}] P={p} S={s} G={g} ...", flush=True)
-        prompts = [torch.randint(0, config.vocab_size, (p,))]
-        completions = [[torch.randint(0, config.vocab_size, (s,)) for _ in range(g)]]
-        case = {"P": p, "S": s, "G": g, "token_ratio_bound": token_ratio_bound(p, s, g)}
-        for label, batch, implementation in (
-            ("repeated", pft.build_repeated_batch(prompts, completions, device="cuda"), "sdpa"),
-            ("grouped", pft.build_grouped_batch(prompts, completions, device="cuda"), pft.ATTN_IMPLEMENTATION),
-        ):
-            try:
-                ms, peak = _step_ms_and_peak(model, batch, implementation)
-                case[label] = {"step_ms": ms, "peak_extra_mib": peak, "tokens": batch.input_ids.numel()}
-            except torch.cuda.OutOfMemoryError:
-                case[label] = {"error": "out of memory"}
-            torch.cuda.empty_cache()
-        if "step_ms" in case["repeated"] and "step_ms" in case["grouped"]:
-            case["speedup"] = case["repeated"]["step_ms"] / case["grouped"]["step_ms"]
-            case["memory_ratio"] = case["grouped"]["peak_extra_mib"] / case["repeated"]["peak_extra_mib"]
-        cases.append(case)
-        print(json.dumps(case), flush=True)
+    shape = CPU_MODEL if runner.cpu else CUDA_MODEL
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen2Config(**shape), dtype=torch.float32 if runner.cpu else torch.bfloat16,
+        attn_implementation=pft.ATTN_IMPLEMENTATION)
+    return model.to(runner.device).train(), shape
 
-    print(f"\n{'P':>5} {'G':>3} | {'repeated ms':>11} {'grouped ms':>10} {'speedup':>8} {'bound':>6} | "
-          f"{'peak MiB rep':>12} {'grp':>7}")
-    for c in cases:
-        if "speedup" not in c:
-            print(f"{c['P']:>5} {c['G']:>3} | {c['repeated'].get('error', '')} {c['grouped'].get('error', '')}")
-            continue
-        print(f"{c['P']:>5} {c['G']:>3} | {c['repeated']['step_ms']:>11.1f} {c['grouped']['step_ms']:>10.1f} "
-              f"{c['speedup']:>7.2f}x {c['token_ratio_bound']:>5.2f}x | {c['repeated']['peak_extra_mib']:>12.0f} "
-              f"{c['grouped']['peak_extra_mib']:>7.0f}")
-    write_report(args.out, "model_step", MODEL_SHAPE, cases)
-    return 0
+
+def run(runner: harness.Runner):
+    model, shape = build_model(runner)
+    vocab = shape["vocab_size"]
+    grid = CPU_GRID if runner.cpu else (QUICK_GRID if runner.quick else FULL_GRID)
+    cases = []
+    for index, (prefix, suffix, group) in enumerate(grid):
+        harness.progress(index, len(grid), f"P={prefix} S={suffix} G={group}")
+
+        def make(seed):
+            g = torch.Generator().manual_seed(seed)
+            prompts = [torch.randint(0, vocab, (prefix,), generator=g)]
+            completions = [[torch.randint(0, vocab, (suffix,), generator=g) for _ in range(group)]]
+            advantages = torch.randn(group, generator=g).to(runner.device)
+            return {"repeated": (pft.build_repeated_batch(prompts, completions, device=runner.device), advantages),
+                    "grouped": (pft.build_grouped_batch(prompts, completions, device=runner.device), advantages)}
+
+        sets = runner.input_sets(make)
+        case = {"params": {"P": prefix, "S": suffix, "G": group},
+                "work": {"token_ratio_bound": token_ratio_bound(prefix, suffix, group), "input_sets": len(sets),
+                         "tokens": {label: sets[0][label][0].input_ids.numel() for label in ("repeated", "grouped")}},
+                "methods": {}, "skipped": {}}
+        flops, nbytes = step_flops(shape, prefix, suffix, group), step_bytes(model)
+        for label, implementation in (("repeated", "sdpa"), ("grouped", pft.ATTN_IMPLEMENTATION)):
+            model.set_attn_implementation(implementation)
+
+            def step(batch_and_advantages, label=label):
+                batch, advantages = batch_and_advantages[label]
+                model.zero_grad(set_to_none=True)
+                logprobs, mask = pft.completion_logprobs(model, batch)
+                (-(advantages[:, None] * logprobs * mask).sum() / mask.sum()).backward()
+
+            case["methods"][label] = {"fwd_bwd": runner.measure(step, [(s,) for s in sets], flops=flops, nbytes=nbytes)}
+        model.zero_grad(set_to_none=True)
+        cases.append(case)
+    model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+    config = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **shape}
+    return config, cases
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([NAME, *sys.argv[1:]]))

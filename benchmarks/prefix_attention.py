@@ -1,19 +1,23 @@
-"""Microbenchmark: prefix-grouped attention vs the peers a user would pick instead.
+"""Benchmark case ``prefix-attention``: prefix-grouped attention vs what a user would run instead.
 
-    python benchmarks/prefix_attention.py [--quick] [--out DIR]
+    pyfastrl bench prefix-attention [--quick] [--cpu]     (or python benchmarks/prefix_attention.py)
 
-Methods, side by side in one run, on the same random bf16 data (D=128, Hq=32, Hkv=8):
-  pyfastrl       prefix_grouped_attention, Triton backend, on the packed batch [P | S_1 .. S_G]
-  sdpa_repeated  the naive baseline: every completion with its own prompt copy, (G, H, P+S, D),
-                 causal SDPA restricted to the flash backend (K/V expanded to Hq heads beforehand,
-                 outside the timed region, since the flash path takes equal head counts)
-  flex           FlexAttention on the packed batch with a shared-prefix block mask (padded to 128;
-                 the block-mask build is timed separately, it is done once per batch)
-Forward and forward+backward, median ms (triton.testing.do_bench), TFLOP/s of *useful* attention
-FLOPs (4*D*Hq*pairs of the grouped rule forward, 2.5x that backward; the same count for every
-method, so the baseline's repeated prefix work counts as waste), and peak memory.
-
-Needs a CUDA GPU: on a CPU-only machine it says so and exits 0.
+One prompt of P tokens with G completions of S tokens, bf16, D=128, Hq=32, Hkv=8 (CUDA). Methods,
+side by side on the same random inputs, forward and forward+backward:
+  pyfastrl             prefix_grouped_attention, Triton backend, on the packed batch [P | S_1 .. S_G]
+  pyfastrl_torch       the same op's plain PyTorch backend (per-group SDPA calls)
+  sdpa_repeated        the naive baseline: every completion with its own prompt copy, (G, H, P+S, D),
+                       causal SDPA on its FlashAttention backend (on the CPU: SDPA's CPU kernel)
+  sdpa_repeated_cudnn  the same batch on SDPA's cuDNN backend
+  flex                 FlexAttention on the packed batch with a shared-prefix block mask (padded to
+                       128; the block mask is built once per batch, outside the timing)
+  prefix_grouper       the prefix-grouper package (prefix self-attention + suffix attention over
+                       [prefix | suffix] keys, each through causal SDPA), when installed
+Repeated and prefix_grouper inputs get K/V expanded to Hq heads beforehand (outside the timing).
+Useful work, the same for every method so the baseline's repeated prefix counts as waste: FLOPs
+4*D*Hq per attended pair of the grouped rule forward, 2.5x that backward; bytes: q, k, v read and
+o, lse written once forward, then q, k, v, o, dO, lse read and dq, dk, dv written backward.
+With --cpu: Hq=4, Hkv=2, D=32, fp32, small P/S/G; the CUDA-only methods are skipped.
 """
 from __future__ import annotations
 
@@ -22,12 +26,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import measure_or_record_failure, parse_args_or_skip, write_report
+import harness
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+NAME = "prefix-attention"
+PLOT = {"x": "P", "series": "G", "baseline": "sdpa_repeated", "ours": "pyfastrl"}
+CUDA_SHAPE = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+CPU_SHAPE = dict(heads=4, kv_heads=2, head_dim=32, dtype=torch.float32)
 FULL_GRID = [(p, s, g) for p in (1024, 4096) for s in (256, 1024) for g in (4, 16)] + [(4096, 512, 16)]
 QUICK_GRID = [(1024, 256, 4), (4096, 512, 16)]
+CPU_GRID = [(64, 16, 4), (256, 16, 4)]
 BACKWARD_FLOP_FACTOR = 2.5
 FLEX_BLOCK = 128
 
@@ -35,6 +43,18 @@ FLEX_BLOCK = 128
 def useful_flops(layout: PrefixGroupLayout, num_heads: int, head_dim: int, backward: bool) -> float:
     forward = 4.0 * head_dim * num_heads * layout.attention_pairs
     return forward * (1.0 + BACKWARD_FLOP_FACTOR) if backward else forward
+
+
+def useful_bytes(layout: PrefixGroupLayout, num_heads: int, num_kv_heads: int, head_dim: int, element_size: int,
+                 backward: bool) -> float:
+    """Compulsory traffic on the packed layout (each tensor moved once; the LSE in fp32)."""
+    t = layout.total_tokens
+    q_or_o, kv = t * num_heads * head_dim * element_size, t * num_kv_heads * head_dim * element_size
+    lse = t * num_heads * 4
+    forward = 2 * q_or_o + 2 * kv + lse  # read q, k, v; write o, lse
+    if not backward:
+        return forward
+    return forward + (3 * q_or_o + 2 * kv + lse) + (q_or_o + 2 * kv)  # read q, k, v, o, dO, lse; write dq, dk, dv
 
 
 def shared_prefix_mask_mod(layout: PrefixGroupLayout, padded_tokens: int):
@@ -61,138 +81,179 @@ def shared_prefix_mask_mod(layout: PrefixGroupLayout, padded_tokens: int):
     return mask_mod
 
 
-def build_methods(layout: PrefixGroupLayout, q, k, v, *, flex_compiled: bool = True):
-    """Each method as ``(inputs, fn, to_packed)``: ``fn(*inputs)`` is what gets timed and
-    ``to_packed`` maps its output back to the packed ``(T, Hq, D)`` layout (for checking)."""
-    rep = q.shape[1] // k.shape[1]
-    methods = {
-        "pyfastrl": (
-            (q, k, v),
-            lambda q, k, v: prefix_grouped_attention(q, k, v, layout),
-            lambda out: out,
-        )
-    }
+def _sdpa_on(backend_name: str | None):
+    """Causal SDPA on ``(B, H, L, D)``, restricted to one SDPA backend (None: SDPA's own choice)."""
+    def sdpa(q, k, v):
+        if backend_name is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # Naive: all members share one suffix length in the benchmark grid; ragged ones are padded.
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return sdpa
+
+
+def _prefix_grouper_method(layout: PrefixGroupLayout):
+    """The prefix-grouper package on the packed layout (its right-padded group-major concat), or the
+    reason it cannot run."""
+    try:
+        from prefix_grouper import PrefixGrouper
+    except ImportError as error:
+        return f"not installed ({error})"
+    group_info = [[p, *s] for p, s in zip(layout.prefix_lens, layout.suffix_lens)]
+    grouper = PrefixGrouper(group_info, device=layout.device, padding_mode="right")
+    width = grouper.padding_mask.shape[1]
+    group_tokens = [sum(info) for info in group_info]
+    rows = torch.cat([torch.arange(n, device=layout.device) + g * width for g, n in enumerate(group_tokens)])
+    packed_rows = torch.cat([torch.arange(n, device=layout.device) + start
+                             for start, n in zip(layout.prefix_starts.tolist(), group_tokens)])
+
+    def masked_attention(q, k, v, key_valid, *_, **__):
+        # Causal aligned to the last key (suffix queries see the whole prefix), valid keys only.
+        i = torch.arange(q.shape[2], device=q.device)[:, None]
+        j = torch.arange(k.shape[2], device=q.device)[None, :]
+        mask = (j <= i + (k.shape[2] - q.shape[2])) & key_valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+    def unpadded_attention(q, k, v, *_, **__):
+        # No padded keys (decided once, below): SDPA's lower-right causal bias, which its flash
+        # and memory-efficient kernels take, instead of a dense mask.
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+
+    # Its attention calls see padded keys only where prompt or completion lengths differ.
+    even = len({info[0] for info in group_info}) == 1 and len({n for info in group_info for n in info[1:]}) == 1
+    attention = unpadded_attention if even else masked_attention
+
+    def prepare(t, heads):
+        grouped = t.new_zeros((len(group_info) * width, heads, t.shape[2]))
+        grouped[rows] = t.detach().repeat_interleave(heads // t.shape[1], dim=1)[packed_rows]
+        return grouped.unflatten(0, (len(group_info), width)).transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
+
+    def to_packed(out):
+        return out.flatten(0, 1).index_select(0, rows)
+
+    return prepare, lambda q, k, v: grouper.forward(attention, q, k, v), to_packed
+
+
+def build_methods(layout: PrefixGroupLayout, *, cuda: bool, flex_compiled: bool = True):
+    """``({name: (prepare, fn, to_packed)}, {name: reason})``: ``prepare(t, heads)`` maps a packed
+    ``(T, H, D)`` input to the method's layout (K/V expanded to ``heads`` where the method needs it),
+    ``fn(q, k, v)`` is what gets timed, and ``to_packed`` maps its output back to ``(T, Hq, D)``."""
+    def packed(t, heads):
+        return t.detach().clone().requires_grad_(t.requires_grad)
+
+    ours_backend = "triton" if cuda else "torch"
+    methods = {
+        "pyfastrl": (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend=ours_backend),
+                     lambda out: out),
+    }
+    skipped = {}
+    if cuda:
+        methods["pyfastrl_torch"] = (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend="torch"),
+                                     lambda out: out)
+
+    # The naive batch: every completion with its own prompt copy, padded to the longest.
     cu = layout.repeated_cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
     longest = max(lengths)
     rows = torch.cat([layout.repeated_index[a:b] for a, b in zip(cu[:-1], cu[1:])])
-    pad_slot = torch.cat([torch.arange(n, device=q.device) + i * longest for i, n in enumerate(lengths)])
+    pad_slot = torch.cat([torch.arange(n, device=layout.device) + i * longest for i, n in enumerate(lengths)])
 
     def repeated(t, heads):
         out = t.new_zeros((len(lengths) * longest, heads, t.shape[2]))
-        out[pad_slot] = t.repeat_interleave(heads // t.shape[1], dim=1)[rows]
+        out[pad_slot] = t.detach().repeat_interleave(heads // t.shape[1], dim=1)[rows]
         return out.unflatten(0, (len(lengths), longest)).transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
-
-    def sdpa(q, k, v):
-        if q.is_cuda:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def repeated_to_packed(out):
         flat = out.transpose(1, 2).flatten(0, 1)[pad_slot]
         return flat.index_select(0, layout.packed_to_repeated)
 
-    heads = q.shape[1]
-    methods["sdpa_repeated"] = ((repeated(q, heads), repeated(k, heads), repeated(v, heads)), sdpa, repeated_to_packed)
+    if cuda:
+        methods["sdpa_repeated"] = (repeated, _sdpa_on("FLASH_ATTENTION"), repeated_to_packed)
+        methods["sdpa_repeated_cudnn"] = (repeated, _sdpa_on("CUDNN_ATTENTION"), repeated_to_packed)
+    else:
+        methods["sdpa_repeated"] = (repeated, _sdpa_on(None), repeated_to_packed)  # SDPA's CPU kernel
+        skipped["sdpa_repeated_cudnn"] = "cuDNN attention needs CUDA"
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if cuda or not flex_compiled:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    total = layout.total_tokens
-    padded = -(-total // FLEX_BLOCK) * FLEX_BLOCK
+        total = layout.total_tokens
+        padded = -(-total // FLEX_BLOCK) * FLEX_BLOCK
 
-    def packed_heads_first(t):
-        out = t.new_zeros((padded, t.shape[1], t.shape[2]))
-        out[:total] = t.detach()
-        return out.transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(t.requires_grad)
+        def packed_heads_first(t, heads):
+            out = t.new_zeros((padded, t.shape[1], t.shape[2]))
+            out[:total] = t.detach()
+            return out.transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(t.requires_grad)
 
-    block_mask = create_block_mask(
-        shared_prefix_mask_mod(layout, padded), None, None, padded, padded, device=q.device
-    )
-    flex = torch.compile(flex_attention, dynamic=False) if flex_compiled else flex_attention
-    methods["flex"] = (
-        tuple(packed_heads_first(t) for t in (q, k, v)),
-        lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=rep > 1),
-        lambda out: out[0, :, :total].transpose(0, 1),
-    )
-    return methods
+        block_mask = create_block_mask(shared_prefix_mask_mod(layout, padded), None, None, padded, padded,
+                                       device=layout.device)
+        flex = torch.compile(flex_attention, dynamic=False) if flex_compiled else flex_attention
+        methods["flex"] = (packed_heads_first,
+                           lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1]),
+                           lambda out: out[0, :, :total].transpose(0, 1))
+    else:
+        skipped["flex"] = "FlexAttention has no CPU backward"
 
-
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def run_case(prefix: int, suffix: int, group: int, device: torch.device) -> dict:
-    layout = PrefixGroupLayout([prefix], [[suffix] * group], device=device)
-    shape_q = (layout.total_tokens, HEADS, HEAD_DIM)
-    shape_kv = (layout.total_tokens, KV_HEADS, HEAD_DIM)
-    q, k, v = (torch.randn(s, device=device, dtype=torch.bfloat16, requires_grad=True)
-               for s in (shape_q, shape_kv, shape_kv))
-    case = {"P": prefix, "S": suffix, "G": group, "tokens_grouped": layout.total_tokens,
-            "tokens_repeated": layout.repeated_tokens, "pairs": layout.attention_pairs, "methods": {}}
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    methods = build_methods(layout, q, k, v)
-    end.record()
-    torch.cuda.synchronize()
-    case["setup_ms_all_methods"] = start.elapsed_time(end)
-    for name, (inputs, fn, _) in methods.items():
-        def measure():
-            result = {}
-            grad = torch.randn_like(fn(*inputs))
-            torch.cuda.synchronize()
-            result["fwd_ms"] = _time_ms(lambda: fn(*inputs))
-            result["fwd_bwd_ms"] = _time_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, grad))
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            torch.autograd.grad(fn(*inputs), inputs, grad)
-            torch.cuda.synchronize()
-            result["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            result["input_mib"] = sum(t.numel() * t.element_size() for t in inputs) / 2**20
-            result["fwd_tflops"] = useful_flops(layout, HEADS, HEAD_DIM, False) / result["fwd_ms"] / 1e9
-            result["fwd_bwd_tflops"] = useful_flops(layout, HEADS, HEAD_DIM, True) / result["fwd_bwd_ms"] / 1e9
-            return result
-
-        case["methods"][name] = measure_or_record_failure(measure)
-    return case
+    grouper = _prefix_grouper_method(layout)
+    if isinstance(grouper, str):
+        skipped["prefix_grouper"] = grouper
+    else:
+        methods["prefix_grouper"] = grouper
+    return methods, skipped
 
 
-def _print_table(cases: list[dict]) -> None:
-    print(f"\n{'P':>5} {'S':>5} {'G':>3} | {'method':<14}| {'fwd ms':>8} {'TFLOP/s':>8} | "
-          f"{'f+b ms':>8} {'TFLOP/s':>8} | {'peak MiB':>9} | {'f+b speedup of pyfastrl':>24}")
-    for case in cases:
-        ours = case["methods"]["pyfastrl"].get("fwd_bwd_ms")
-        for name, r in case["methods"].items():
-            head = f"{case['P']:>5} {case['S']:>5} {case['G']:>3} | {name:<14}|"
-            if "error" in r:
-                print(f"{head} {r['error']}")
-                continue
-            speedup = f"{r['fwd_bwd_ms'] / ours:.2f}x" if ours and name != "pyfastrl" else ""
-            print(f"{head} {r['fwd_ms']:>8.3f} {r['fwd_tflops']:>8.1f} | {r['fwd_bwd_ms']:>8.3f} "
-                  f"{r['fwd_bwd_tflops']:>8.1f} | {r['peak_extra_mib']:>9.0f} | {speedup:>24}")
-
-
-def main(argv=None) -> int:
-    args = parse_args_or_skip(argv, __doc__, "prefix_attention.py", "two cases only: P/S/G = 1024/256/4 and 4096/512/16")
-    if args is None:
-        return 0
-    device = torch.device("cuda")
-    grid = QUICK_GRID if args.quick else FULL_GRID
+def run(runner: harness.Runner):
+    shape = CPU_SHAPE if runner.cpu else CUDA_SHAPE
+    heads, kv_heads, head_dim, dtype = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
+    grid = CPU_GRID if runner.cpu else (QUICK_GRID if runner.quick else FULL_GRID)
     cases = []
-    for i, (p, s, g) in enumerate(grid):
-        print(f"[{i + 1}/{len(grid)}] P={p} S={s} G={g} ...", flush=True)
-        cases.append(run_case(p, s, g, device))
-    _print_table(cases)
-    write_report(args.out, "prefix_attention", {"dtype": "bfloat16", "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM}, cases)
-    return 0
+    for index, (prefix, suffix, group) in enumerate(grid):
+        harness.progress(index, len(grid), f"P={prefix} S={suffix} G={group}")
+        layout = PrefixGroupLayout([prefix], [[suffix] * group], device=runner.device)
+
+        def make(seed):
+            g = torch.Generator(device=runner.device).manual_seed(seed)
+            return tuple(torch.randn(layout.total_tokens, h, head_dim, device=runner.device, generator=g)
+                         .to(dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+
+        packed_sets = runner.input_sets(make)
+        methods, skipped = build_methods(layout, cuda=not runner.cpu)
+        case = {"params": {"P": prefix, "S": suffix, "G": group},
+                "work": {"tokens_grouped": layout.total_tokens, "tokens_repeated": layout.repeated_tokens,
+                         "pairs": layout.attention_pairs, "input_sets": len(packed_sets)},
+                "methods": {}, "skipped": skipped}
+        element = torch.finfo(dtype).bits // 8
+        for name, (prepare, fn, _) in methods.items():
+            def measured():
+                sets = []
+                for q, k, v in packed_sets:
+                    inputs = (prepare(q, heads), prepare(k, heads), prepare(v, heads))
+                    sets.append((inputs, torch.randn_like(fn(*inputs))))
+                return sets
+
+            prepared = harness.measure_or_record_failure(lambda: {"sets": measured()})
+            if "error" in prepared:
+                case["methods"][name] = {"fwd_bwd": prepared}
+                continue
+            sets = prepared["sets"]
+            result = {}
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                step = ((lambda inputs, grad: torch.autograd.grad(fn(*inputs), inputs, grad)) if backward
+                        else (lambda inputs, grad: fn(*inputs)))
+                result[mode] = runner.measure(
+                    step, sets, flops=useful_flops(layout, heads, head_dim, backward),
+                    nbytes=useful_bytes(layout, heads, kv_heads, head_dim, element, backward))
+            case["methods"][name] = result
+            del sets, prepared
+        cases.append(case)
+    config = {"dtype": str(dtype).removeprefix("torch."), "Hq": heads, "Hkv": kv_heads, "D": head_dim}
+    return config, cases
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main([NAME, *sys.argv[1:]]))

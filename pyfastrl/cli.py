@@ -6,12 +6,15 @@
                     directory): completion log-probs and every parameter gradient; exits 1 beyond tolerance
     pyfastrl train  GRPO training: the built-in default (tiny model, bundled tokenizer, synthetic task),
                     or a local model directory and a JSONL dataset
+    pyfastrl bench  kernel microbenchmarks beside their peers (benchmarks/harness.py; CUDA, or --cpu)
     pyfastrl info   versions, device, and which backend of each op can run here (and why not)
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -200,9 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
 
+    harness = _bench_harness()
+    bench = commands.add_parser(
+        "bench", help="kernel microbenchmarks beside their peers (CUDA; --cpu: torch backends, small sizes)",
+        description=harness.DESCRIPTION if harness else "Kernel microbenchmarks (needs the repository's benchmarks/).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if harness is None:
+        bench.add_argument("arguments", nargs=argparse.REMAINDER)
+        bench.set_defaults(run=_no_benchmarks)
+    else:
+        harness.add_arguments(bench)
+        bench.set_defaults(run=harness.run)
+
     info = commands.add_parser("info", help="versions, device and available backends")
     info.set_defaults(run=_info)
     return parser
+
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _bench_harness():
+    """The benchmark harness (``benchmarks/harness.py`` of the checkout this package runs from), or
+    None where there is none (an installed wheel carries no benchmarks/)."""
+    if not os.path.isfile(os.path.join(BENCHMARKS_DIR, "harness.py")):
+        return None
+    if BENCHMARKS_DIR not in sys.path:
+        sys.path.insert(0, BENCHMARKS_DIR)  # where the case files find it, as when run as scripts
+    return importlib.import_module("harness")
+
+
+def _no_benchmarks(args) -> int:
+    print(f"pyfastrl bench runs the case files in the repository's benchmarks/ folder, and this installation "
+          f"has none ({BENCHMARKS_DIR}): install from a checkout with pip install -e .", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The benchmark's peers must compute the same attention as our op, or its ratios mean nothing.
 Timing needs a GPU; the set-up of every method is checked here on CPU (forward only: FlexAttention
 has no CPU backward)."""
-import importlib.util
+import importlib
 import pathlib
 import sys
 
@@ -14,25 +14,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name):
+    """A file of benchmarks/ as the harness imports it (a top-level module beside harness.py)."""
     if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as `python benchmarks/<name>.py`
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_prefix_attention_peers_compute_the_same_attention():
+@pytest.mark.parametrize("prefix_lens, suffix_lens", [
+    ([20, 9], [[5, 7, 3], [4, 4]]),  # ragged: the naive batch and prefix-grouper's calls need padding
+    ([12], [[6, 6, 6]]),  # the benchmark grid's shape: no padding (prefix-grouper's causal-bias path)
+], ids=["ragged", "even"])
+def test_prefix_attention_peers_compute_the_same_attention(prefix_lens, suffix_lens):
     bench = load_benchmark("prefix_attention")
-    layout = PrefixGroupLayout([20, 9], [[5, 7, 3], [4, 4]])  # ragged: the naive batch needs padding
+    layout = PrefixGroupLayout(prefix_lens, suffix_lens)
     q = torch.randn(layout.total_tokens, 4, 16)
     k, v = torch.randn(2, layout.total_tokens, 2, 16)
-    methods = bench.build_methods(layout, q, k, v, flex_compiled=False)
-    assert set(methods) == {"pyfastrl", "sdpa_repeated", "flex"}
+    methods, skipped = bench.build_methods(layout, cuda=False, flex_compiled=False)
+    assert set(methods) == {"pyfastrl", "sdpa_repeated", "flex", "prefix_grouper"}
+    assert set(skipped) == {"sdpa_repeated_cudnn"}
     want = None
-    for name, (inputs, fn, to_packed) in methods.items():
-        got = to_packed(fn(*inputs))
+    for name, (prepare, fn, to_packed) in methods.items():
+        got = to_packed(fn(prepare(q, 4), prepare(k, 4), prepare(v, 4)))
         want = got if want is None else want
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
@@ -66,11 +69,11 @@ def test_grpo_loss_methods_compute_the_same_loss_and_gradients():
     bench = load_benchmark("grpo_loss")
     inputs = bench.make_inputs(tokens=24, hidden=16, vocab=50, device=torch.device("cpu"), dtype=torch.float32,
                                row_length=8)
-    methods, skipped = bench.build_methods(*inputs, backend="torch")
+    methods, skipped = bench.build_methods(cuda=False)
     assert {"pyfastrl", "torch_unfused", "matmul_floor"} <= set(methods)
     assert set(methods) | set(skipped) >= {"liger_fused_linear", "liger_triton"}
-    h, w = (t.clone().requires_grad_() for t in inputs[:2])
-    results = {name: (fn(h, w), torch.autograd.grad(fn(h, w), (h, w))) for name, fn in methods.items()
+    h, w = inputs[:2]
+    results = {name: (fn(*inputs), torch.autograd.grad(fn(*inputs), (h, w))) for name, fn in methods.items()
                if name != "matmul_floor"}
     want_loss, want_grads = results["torch_unfused"]
     assert want_loss != 0
@@ -94,41 +97,186 @@ def test_lla_regression_quality_table_reproduces_the_spec():
     assert tanh["lla"] < tanh["global_ridge"] < tanh["softmax"]
 
 
-@pytest.mark.parametrize("name", ["prefix_attention", "model_step", "grpo_loss", "lla"])
-def test_benchmarks_without_gpu_exit_cleanly(name, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU-only message")
-    assert load_benchmark(name).main([]) == 0
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+def test_lla_methods_compute_what_they_claim():
+    """The LLA method is the op (torch backend on CPU), the softmax one is causal softmax attention."""
+    bench = load_benchmark("lla")
+    methods, skipped = bench.build_methods(32, cuda=False)
+    assert set(methods) == {"pyfastrl", "sdpa_softmax"} and "pyfastrl_torch" in skipped
+    q, k, v = torch.randn(3, 1, 32, 2, 16, dtype=torch.float64)
+    from pyfastrl import local_linear_attention
+
+    torch.testing.assert_close(methods["pyfastrl"](q, k, v), local_linear_attention(q, k, v, ridge_lambda=bench.RIDGE))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / 4.0
+    scores = scores.masked_fill(torch.ones(32, 32, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(methods["sdpa_softmax"](q, k, v), torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v))
+
+
+# ----------------------------------------------------------------------------- work formulas
+
+
+def test_prefix_attention_bytes_count_each_tensor_once():
+    bench = load_benchmark("prefix_attention")
+    layout = PrefixGroupLayout([3], [[2, 1]])  # 6 tokens
+    # Hq=2, Hkv=1, D=4, 2-byte elements: q/o 6*2*4*2 = 96 B, k/v 48 B, LSE 6*2*4 = 48 B.
+    assert bench.useful_bytes(layout, 2, 1, 4, 2, backward=False) == 2 * 96 + 2 * 48 + 48
+    assert bench.useful_bytes(layout, 2, 1, 4, 2, backward=True) == (2 * 96 + 2 * 48 + 48) + (3 * 96 + 2 * 48 + 48) + (
+        96 + 2 * 48)
+
+
+def test_grpo_loss_bytes_count_inputs_and_gradients_once():
+    bench = load_benchmark("grpo_loss")
+    # 8 tokens in 2 rows, H=4, V=10, bf16: h and w read + their gradients written, 13 B/token, 4 B/row.
+    assert bench.useful_bytes(8, 4, 10, 2, rows=2) == 2 * 2 * (8 * 4 + 10 * 4) + 8 * 13 + 2 * 4
+
+
+def test_lla_flop_formulas():
+    bench = load_benchmark("lla")
+    assert bench.causal_pairs(4) == 10
+    assert bench.softmax_flops(4, 2, 8, backward=False) == 4 * 8 * 2 * 10
+    assert bench.softmax_flops(4, 2, 8, backward=True) == 3.5 * 4 * 8 * 2 * 10
+    assert bench.lla_flops(4, 2, 8, cg_iterations=5, backward=False) == (12 + 20) * 8 * 2 * 10
+    assert bench.lla_flops(4, 2, 8, cg_iterations=5, backward=True) == 3 * (12 + 20) * 8 * 2 * 10
+    assert bench.lla_direct_flops(4, 1, 3, backward=False) == 10 * (18 + 18) + 4 * (9 + 18)
+    assert bench.attention_bytes(4, 2, 8, 2, backward=True) == 12 * 4 * 2 * 8 * 2
+
+
+def test_model_step_flops_count_the_models_own_parameters():
+    """6 FLOPs per weight-matrix parameter of the layers per grouped token, the grouped rule's
+    attention, and the LM head on completion positions only."""
+    bench = load_benchmark("model_step")
+    harness = load_benchmark("harness")
+    runner = harness.Runner(torch.device("cpu"), quick=True, roofline=harness.Roofline(1.0, 1.0), cache_bytes=1)
+    model, shape = bench.build_model(runner)
+    matrices = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    layout = PrefixGroupLayout([10], [[3, 3]])
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    attention = 3.5 * 4 * head_dim * shape["num_attention_heads"] * layout.attention_pairs * shape["num_hidden_layers"]
+    without_head = bench.step_flops({**shape, "vocab_size": 0}, 10, 3, 2)
+    assert without_head == pytest.approx(6.0 * matrices * layout.total_tokens + attention, rel=1e-12)
+    assert bench.step_flops(shape, 10, 3, 2) - without_head == 6.0 * shape["hidden_size"] * shape["vocab_size"] * 6
+    assert bench.step_bytes(model) == 3 * sum(p.numel() * 4 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+def test_roofline_bound_is_compute_or_memory():
+    roofline = load_benchmark("harness").Roofline(matmul_tflops=100.0, copy_gbps=1000.0)
+    assert roofline.bound_ms(flops=1e12, nbytes=1e6) == pytest.approx(10.0)  # compute-bound: 1e12 / 1e14 s
+    assert roofline.bound_ms(flops=1.0, nbytes=1e9) == pytest.approx(1.0)  # memory-bound: 1e9 / 1e12 s
+
+
+def test_input_sets_span_twice_the_cache_and_are_fresh():
+    harness = load_benchmark("harness")
+    runner = harness.Runner(torch.device("cpu"), quick=True, roofline=harness.Roofline(1.0, 1.0), cache_bytes=1000)
+
+    def sets_of(floats):
+        return runner.input_sets(lambda seed: (torch.randn(floats, generator=torch.Generator().manual_seed(seed)),))
+
+    assert len(sets_of(125)) == 4  # 500 B each: 4 sets span 2 x 1000 B
+    assert len(sets_of(1000)) == 1  # 4000 B: one set is enough
+    small = sets_of(50)  # 200 B: 10 would be needed, capped
+    assert len(small) == harness.MAX_SETS
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(small, small[1:]))
+    assert all(s[0].abs().min() > 0 for s in small)  # random, never zeros
+
+
+def test_measure_reports_work_rates_and_records_failures():
+    harness = load_benchmark("harness")
+    runner = harness.Runner(torch.device("cpu"), quick=True, roofline=harness.Roofline(1.0, 1.0), cache_bytes=1)
+    calls = []
+    result = runner.measure(lambda x: calls.append(x), [(1,), (2,)], flops=2e9, nbytes=1e6)
+    assert set(calls) == {1, 2}  # the input sets are rotated
+    assert result["tflops"] == pytest.approx(2e9 / result["ms"] / 1e9)
+    assert result["gbps"] == pytest.approx(1e6 / result["ms"] / 1e6)
+    assert result["roofline_fraction"] == pytest.approx(runner.roofline.bound_ms(2e9, 1e6) / result["ms"])
+    assert result["peak_extra_mib"] is None  # no allocator statistics on the CPU
+
+    def crash(x):
+        raise RuntimeError("kernel launch failed")
+
+    def out_of_memory(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert runner.measure(crash, [(1,)], flops=1, nbytes=1) == {"error": "RuntimeError: kernel launch failed"}
+    assert runner.measure(out_of_memory, [(1,)], flops=1, nbytes=1) == {"error": "out of memory"}
+
+
+def test_speedups_and_summary_rows():
+    harness = load_benchmark("harness")
+    case = {"params": {"P": 8}, "methods": {
+        "ours": {"fwd_bwd": {"ms": 2.0, "roofline_fraction": 0.5}}, "naive": {"fwd_bwd": {"ms": 8.0}},
+        "peer": {"fwd_bwd": {"ms": 4.0}}, "floor": {"fwd_bwd": {"ms": 1.0}}, "broken": {"fwd_bwd": {"error": "x"}}}}
+    assert harness.speedups(case, "naive") == {"ours": 4.0, "naive": 1.0, "peer": 2.0, "floor": 8.0}
+    plot = {"baseline": "naive", "ours": "ours", "not_peers": ("floor",)}
+    (row,) = harness.summary_rows({"benchmark": "demo", "cases": [case]}, plot)
+    assert row == {"benchmark": "demo", "case": "P=8", "ours_ms": 2.0, "speedup_over_baseline": 4.0,
+                   "roofline_fraction": 0.5, "ours_vs_best_peer": 2.0, "best_peer": "peer"}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_bench_without_gpu_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
+    from pyfastrl.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+    assert "no CUDA GPU is visible: nothing measured" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_help_and_unknown_case(capsys):
+    from pyfastrl.cli import main
+
+    with pytest.raises(SystemExit) as exit_help:
+        main(["bench", "--help"])
+    assert exit_help.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("prefix-attention", "grpo-loss", "lla", "model-step", "--quick", "--cpu"))
+    with pytest.raises(SystemExit) as exit_unknown:
+        main(["bench", "attention"])
+    assert exit_unknown.value.code == 2
+    assert "invalid choice: 'attention' (choose from 'prefix-attention', 'grpo-loss', 'lla', 'model-step', 'all')" \
+        in capsys.readouterr().err
+
+
+def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
+    """``pyfastrl bench all --cpu``: every case file end to end through the harness (torch backends,
+    small sizes): the JSON of each, its plot, and the summary table printed last."""
+    import json
+
+    from pyfastrl.cli import main
+
+    assert main(["bench", "all", "--cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    harness = load_benchmark("harness")
+    cases = 0
+    for name, stem in harness.CASE_FILES.items():
+        report = json.loads((tmp_path / f"{stem}.json").read_text())
+        cases += len(report["cases"])
+        assert report["benchmark"] == name and report["device"] == "cpu"
+        assert {"gpu", "torch", "triton", "transformers", "commit", "date", "config"} <= set(report)
+        assert report["roofline"]["matmul_tflops"] > 0 and report["roofline"]["copy_gbps"] > 0
+        plot = load_benchmark(stem).PLOT
+        assert report["cases"]
+        for case in report["cases"]:
+            assert {"params", "work", "methods", "skipped"} <= set(case)
+            assert plot["x"] in case["params"] and {plot["ours"], plot["baseline"]} <= set(case["methods"])
+            for method, modes in case["methods"].items():
+                measured = modes["fwd_bwd"]
+                assert "error" not in measured, (name, method, measured)
+                assert measured["ms"] > 0 and measured["tflops"] > 0 and measured["gbps"] > 0
+                assert 0 < measured["roofline_fraction"] and measured["peak_extra_mib"] is None
+        assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# pyfastrl bench: CPU")
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
+    assert len(rows) == cases  # one row per case of every case file
+    assert out.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary table is printed last
 
 
 def test_environment_record_names_versions_and_commit():
-    env = load_benchmark("common").environment()
-    assert set(env) >= {"gpu", "torch", "triton", "transformers", "commit", "date"}
+    env = load_benchmark("harness").environment()
+    assert set(env) >= {"gpu", "torch", "triton", "transformers", "liger_kernel", "prefix_grouper", "commit", "date"}
     assert len(env["commit"]) == 40 or env["commit"] == "unknown"
-
-
-def test_write_report_records_environment_config_and_cases(tmp_path, capsys):
-    import json
-
-    report = load_benchmark("common").write_report(str(tmp_path), "demo_case", {"dtype": "bfloat16"}, [{"n": 1}])
-    written = json.loads((tmp_path / "demo_case.json").read_text())
-    assert written == report
-    assert written["benchmark"] == "demo_case" and written["config"] == {"dtype": "bfloat16"}
-    assert written["cases"] == [{"n": 1}] and "commit" in written and "gpu" in written
-    assert "demo_case.json" in capsys.readouterr().out
-
-
-def test_a_failing_method_is_recorded_not_raised():
-    common = load_benchmark("common")
-    assert common.measure_or_record_failure(lambda: {"ms": 1.0}) == {"ms": 1.0}
-
-    def crash():
-        raise RuntimeError("kernel launch failed")
-
-    assert common.measure_or_record_failure(crash) == {"error": "RuntimeError: kernel launch failed"}
-
-    def out_of_memory():
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-
-    assert common.measure_or_record_failure(out_of_memory) == {"error": "out of memory"}

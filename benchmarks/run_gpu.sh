@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything a fresh GPU machine checks, in one command (no package registry needed: the machine
+# brings its own torch and triton; pure-Python peers travel as wheels in .whl/):
+#
+#     bash benchmarks/run_gpu.sh [RESULTS_DIR]      (default: $OUT if set, else benchmarks/results)
+#
+# 1. installs pyfastrl without dependencies, and the wheels in .whl/ if any (liger-kernel,
+#    prefix-grouper, ...; fetch them with `pip download --no-deps` as the README says);
+# 2. runs the whole test suite with CUDA: GPU-marked tests run, Triton kernels compiled (the
+#    interpreter is only for CPU-only machines); its log goes to RESULTS_DIR/tests.log;
+# 3. runs `pyfastrl bench all --quick` into RESULTS_DIR (JSON, PNG, summary.md);
+# 4. prints the test outcome and the benchmark summary table last.
+# Exits non-zero when the tests fail or no GPU is visible; the benchmarks run either way.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results="${1:-${OUT:-benchmarks/results}}"
+mkdir -p "$results"
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pyfastrl-site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/pyfastrl-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+unset TRITON_INTERPRET
+python3 - <<'PY' || exit 1
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("run_gpu.sh: no CUDA GPU visible")
+print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
+
+start=$(date +%s)
+python3 -m pytest -q -rs --durations=10 -p no:cacheprovider 2>&1 | tee "$results/tests.log"
+tests_status=${PIPESTATUS[0]}
+tests_seconds=$(( $(date +%s) - start ))
+
+start=$(date +%s)
+python3 -m pyfastrl.cli bench all --quick --out "$results" 2>&1 | tee "$results/bench.log"
+bench_status=${PIPESTATUS[0]}
+bench_seconds=$(( $(date +%s) - start ))
+
+echo
+echo "== run_gpu.sh summary =="
+echo "tests: $(tail -n 1 "$results/tests.log") (exit $tests_status, ${tests_seconds} s)"
+echo "bench: exit $bench_status, ${bench_seconds} s; results in $results"
+[ -f "$results/summary.md" ] && cat "$results/summary.md"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
