@@ -187,10 +187,9 @@ class Runner:
         def run():
             sets = itertools.cycle(input_sets)
             ms = _median_ms(self.device, lambda: step(*next(sets)))
-            result = {"ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6,
-                      "roofline_fraction": self.roofline.bound_ms(flops, nbytes) / ms,
-                      "peak_extra_mib": self._peak_extra_mib(lambda: step(*input_sets[0]))}
-            return result
+            return {"ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6,
+                    "roofline_fraction": self.roofline.bound_ms(flops, nbytes) / ms,
+                    "peak_extra_mib": self._peak_extra_mib(lambda: step(*input_sets[0]))}
 
         return measure_or_record_failure(run)
 
@@ -208,11 +207,10 @@ class Runner:
 # ----------------------------------------------------------------------------- reporting
 
 
-def write_report(out_dir: str, name: str, runner: Runner | None, config: dict, cases: list[dict]) -> dict:
+def write_report(out_dir: str, name: str, runner: Runner, config: dict, cases: list[dict]) -> dict:
     """``<out_dir>/<case file>.json``: environment, device kind, roofline, config and every case."""
-    report = {"benchmark": name, **environment(),
-              "device": "cpu" if runner is None or runner.cpu else "cuda",
-              "roofline": None if runner is None else asdict(runner.roofline),
+    report = {"benchmark": name, **environment(), "device": "cpu" if runner.cpu else "cuda",
+              "roofline": asdict(runner.roofline),
               "config": config, "cases": cases}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{CASE_FILES[name]}.json")
