@@ -97,20 +97,18 @@ class _Policy(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def _head(self):
-        return self.model.get_output_embeddings()
-
     def forward(self, batch, loss_options: dict):
         hidden = pft.completion_hidden_states(self.model, batch)
+        head = self.model.get_output_embeddings()
         cu_seqlens = torch.nn.functional.pad(batch.completion_lens.cumsum(0), (1, 0)).to(torch.int32)
-        return fused_linear_grpo_loss(hidden, self._head().weight, batch.target_ids, None, bias=self._head().bias,
+        return fused_linear_grpo_loss(hidden, head.weight, batch.target_ids, None, bias=head.bias,
                                       cu_seqlens=cu_seqlens, **loss_options)
 
     @torch.no_grad()
     def logprobs(self, batch, temperature: float) -> torch.Tensor:
         hidden = pft.completion_hidden_states(self.model, batch)
-        return selective_logprobs(hidden, self._head().weight, batch.target_ids, bias=self._head().bias,
-                                  temperature=temperature)
+        head = self.model.get_output_embeddings()
+        return selective_logprobs(hidden, head.weight, batch.target_ids, bias=head.bias, temperature=temperature)
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:
@@ -180,7 +178,8 @@ class GRPOTrainer:
             self.ref_policy = _Policy(ref_model.requires_grad_(False).eval())
         self.policy = _Policy(self.model)
         self.policy_loss = self.policy  # what the loss is called through
-        if self.world_size > 1 and config.distributed == "fsdp":
+        self.sharded = self.world_size > 1 and config.distributed == "fsdp"
+        if self.sharded:
             for policy in (self.policy, self.ref_policy):
                 if policy is not None:
                     _shard(policy, self.device)
@@ -256,7 +255,7 @@ class GRPOTrainer:
             eos_token_id=self.tokenizer.eos_token_id,
             # Sharded layers are gathered collectively at every decoding step, so a process whose
             # completions all ended keeps stepping until every process's have.
-            synced_gpus=self.world_size > 1 and config.distributed == "fsdp",
+            synced_gpus=self.sharded,
         )[:, width:].cpu()
         self.model.train(was_training)
         completions = []
@@ -326,7 +325,7 @@ class GRPOTrainer:
         rollout = Rollout(rows, prompt_ids, completion_ids, texts, rewards, per_function, advantages, None, None)
         wanted = {"old_logprobs": self.policy if self.config.num_iterations > 1 else None,
                   "ref_logprobs": self.ref_policy}
-        wanted = {field: model for field, model in wanted.items() if model is not None}
+        wanted = {field: policy for field, policy in wanted.items() if policy is not None}
         for field, logprobs in zip(wanted, self._logprobs(list(wanted.values()), rollout)):
             setattr(rollout, field, logprobs)
         return rollout
@@ -377,9 +376,9 @@ class GRPOTrainer:
         sums = _all_reduce_sum(sums)
         tokens = max(sums[4].item(), 1.0)
         # The gradient is that of the process average of the scaled losses: report the same number.
-        return {"loss": sums[0].item() / self.world_size, "kl": sums[1].item() / tokens, "clip_ratio": sums[2].item() / tokens,
-                "entropy": sums[3].item() / tokens, "completion_tokens": int(sums[4]),
-                "model_tokens": int(sums[5]), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        return {"loss": sums[0].item() / self.world_size, "kl": sums[1].item() / tokens,
+                "clip_ratio": sums[2].item() / tokens, "entropy": sums[3].item() / tokens,
+                "completion_tokens": int(sums[4]), "model_tokens": int(sums[5]), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 
     # ------------------------------------------------------------------------------------ loop
 
