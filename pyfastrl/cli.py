@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -225,12 +225,22 @@ BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def _bench_harness():
     """The benchmark harness (``benchmarks/harness.py`` of the checkout this package runs from), or
-    None where there is none (an installed wheel carries no benchmarks/)."""
-    if not os.path.isfile(os.path.join(BENCHMARKS_DIR, "harness.py")):
+    None where there is none (an installed wheel carries no benchmarks/).
+
+    Loaded by path, under the name its case files import it by, without putting benchmarks/ on
+    sys.path: every command builds this parser, and the case files' module names (``grpo_loss``,
+    ``lla``, ...) must not shadow a user's modules (``pyfastrl train --reward module:function``).
+    The harness adds its folder itself when it runs the case files."""
+    path = os.path.join(BENCHMARKS_DIR, "harness.py")
+    if not os.path.isfile(path):
         return None
-    if BENCHMARKS_DIR not in sys.path:
-        sys.path.insert(0, BENCHMARKS_DIR)  # where the case files find it, as when run as scripts
-    return importlib.import_module("harness")
+    loaded = sys.modules.get("harness")
+    if loaded is None or getattr(loaded, "__file__", None) != path:
+        spec = importlib.util.spec_from_file_location("harness", path)
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules["harness"] = loaded
+        spec.loader.exec_module(loaded)
+    return loaded
 
 
 def _no_benchmarks(args) -> int:
