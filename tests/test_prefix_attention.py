@@ -122,7 +122,7 @@ def test_custom_op_registration_passes_opcheck():
     layout = PrefixGroupLayout([3, 2], [[2, 1], [3]])
     q, k, v = make_inputs(layout, 2, 1, 16, torch.float32, device="cpu")
     blocks = layout.query_blocks(None)
-    torch.library.opcheck(_forward_op, (q, k, v, blocks, blocks, blocks, 0.25, "torch"))
+    torch.library.opcheck(_forward_op, (q, k, v, blocks, blocks, blocks, 0.25, 0.0, 0, "torch"))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -1,6 +1,10 @@
 """Input checks shared by the attention ops (prefix-grouped and local linear attention)."""
 from __future__ import annotations
 
+import math
+import operator
+from numbers import Real
+
 import torch
 
 
@@ -29,3 +33,26 @@ def largest_element_offset(*tensors: torch.Tensor) -> int:
     index with 32-bit offsets need it below 2**31; a view into a larger buffer (e.g. a fused QKV
     projection) reaches beyond its own numel()."""
     return max(sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in tensors)
+
+
+def positive_finite(op: str, name: str, value) -> float:
+    """``value`` (any real scalar: Python or numpy int/float) checked positive and finite, as a float.
+    A tensor is refused: reading its value would synchronise with its device."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op}: {name} must be a real number (int or float, numpy included), got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def window_length(op: str, name: str, value) -> int:
+    """``value`` (any integer: Python or numpy) checked >= 1, as an int."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be an integer >= 1, got {type(value).__name__}")
+    try:
+        length = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer >= 1, got {type(value).__name__} {value!r}") from None
+    if length < 1:
+        raise ValueError(f"{op}: {name} must be an integer >= 1, got {length}")
+    return length

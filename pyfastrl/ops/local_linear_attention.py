@@ -7,7 +7,6 @@ each query's ridge system directly (Cholesky), ``"triton"`` iterates (CG) to ``t
 """
 from __future__ import annotations
 
-import math
 import warnings
 from numbers import Real
 from typing import NamedTuple
@@ -17,7 +16,7 @@ import torch
 from pyfastrl._backend import resolve_backend
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
-from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset
+from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite
 
 _OP = "local_linear_attention"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -190,10 +189,7 @@ def _ridge_tensor(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torc
         if _data_checks_enabled() and not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
             raise ValueError(f"{_OP}: ridge_lambda must be positive and finite, got {ridge_lambda.tolist()}")
         return ridge_lambda.to(dtype).expand(num_heads).contiguous()
-    if not (isinstance(ridge_lambda, Real) and not isinstance(ridge_lambda, bool)
-            and math.isfinite(ridge_lambda) and ridge_lambda > 0):
-        raise ValueError(f"{_OP}: ridge_lambda must be a positive finite number or tensor, got {ridge_lambda!r}")
-    return torch.full((num_heads,), float(ridge_lambda), dtype=dtype, device=device)
+    return torch.full((num_heads,), positive_finite(_OP, "ridge_lambda", ridge_lambda), dtype=dtype, device=device)
 
 
 def local_linear_attention(
@@ -253,10 +249,7 @@ def local_linear_attention(
     if causal is not True:
         raise ValueError(f"{_OP}: only causal=True is supported (non-causal LLA is not implemented), got {causal!r}")
     batch, num_tokens, num_heads, head_dim = q.shape
-    if softmax_scale is None:
-        softmax_scale = head_dim**-0.5
-    elif not (isinstance(softmax_scale, Real) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"{_OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    softmax_scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)
     if not (isinstance(tolerance, Real) and 0 < tolerance < 1):
         raise ValueError(f"{_OP}: tolerance must be a number in (0, 1), got {tolerance!r}")
     if max_iterations is None:

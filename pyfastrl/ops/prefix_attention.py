@@ -7,13 +7,11 @@ the op as one node without graph breaks. Both backends sit behind them (see
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pyfastrl._backend import resolve_backend
 from pyfastrl.kernels.prefix_attention import reference
-from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset
+from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite, window_length
 from pyfastrl.layout import PrefixGroupLayout
 
 _OP = "prefix_grouped_attention"
@@ -40,15 +38,17 @@ def _forward_op(
     dq_blocks: torch.Tensor,
     dkdv_blocks: torch.Tensor,
     scale: float,
+    softcap: float,
+    window: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _triton_kernels().forward(q, k, v, query_blocks, scale)
-    return reference.forward(q, k, v, query_blocks, scale)
+        return _triton_kernels().forward(q, k, v, query_blocks, scale, softcap, window)
+    return reference.forward(q, k, v, query_blocks, scale, softcap, window)
 
 
 @_forward_op.register_fake
-def _(q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, backend):
+def _(q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, softcap, window, backend):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return out, q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
@@ -65,17 +65,21 @@ def _backward_op(
     dq_blocks: torch.Tensor,
     dkdv_blocks: torch.Tensor,
     scale: float,
+    softcap: float,
+    window: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
-        return _triton_kernels().backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale)
-    return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale)
+        return _triton_kernels().backward(
+            grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale, softcap, window
+        )
+    return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale, softcap, window)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, scale, backend):
+def _(grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, scale, softcap, window, backend):
     return (
         torch.empty(q.shape, dtype=q.dtype, device=q.device),
         torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -84,20 +88,17 @@ def _(grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, scale, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, backend = inputs
+    q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, softcap, window, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks)
-    ctx.scale = scale
-    ctx.backend = backend
+    ctx.options = (scale, softcap, window, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks = ctx.saved_tensors
-    dq, dk, dv = _backward_op(
-        grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, ctx.scale, ctx.backend
-    )
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, query_blocks, dq_blocks, dkdv_blocks, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -150,6 +151,8 @@ def prefix_grouped_attention(
     layout: PrefixGroupLayout,
     *,
     softmax_scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Causal attention over a packed shared-prefix batch, as if every prompt were repeated.
@@ -157,7 +160,8 @@ def prefix_grouped_attention(
     Each prefix token attends causally within its prefix; each suffix token attends to its whole
     group prefix and causally within its own suffix. Forward values and gradients equal those of
     running every member's ``[prefix; suffix]`` as its own causal sequence (the repeated batch),
-    with the prefix gradients summed over members.
+    with the prefix gradients summed over members. Soft-capping and the sliding window apply as
+    they would to each repeated sequence.
 
     Args:
         q: ``(T, Hq, D)`` queries, T = ``layout.total_tokens``.
@@ -165,7 +169,16 @@ def prefix_grouped_attention(
             kv head ``h // (Hq // Hkv)``). Same dtype (fp16, bf16, fp32; fp64 on the torch
             backend) and device as q. Any strides with a unit-stride head dim are read in place.
         layout: the batch's ``PrefixGroupLayout``, on q's device.
-        softmax_scale: score scale; default ``D ** -0.5``.
+        softmax_scale: score scale, any positive finite real scalar (Python or numpy); default
+            ``D ** -0.5``.
+        softcap: attention logit soft-capping (Gemma2's ``attn_logit_softcapping``): a positive
+            finite real c; scores ``s = softmax_scale * q.k`` become ``c * tanh(s / c)`` before the
+            softmax, with the exact gradient. Default None (off).
+        sliding_window: an integer W >= 1 (transformers' ``sliding_window``): the query at path
+            position i sees the key at path position j of its own path only if ``i - j < W``
+            (W keys including itself). Path positions are ``layout.position_ids``: a prompt
+            token's index in its prompt, ``P + index`` for a completion token. Keys outside every
+            window of a query block are skipped, not masked. Default None (off).
         backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
             ``"torch"`` or ``"triton"``.
 
@@ -177,10 +190,9 @@ def prefix_grouped_attention(
         backend = resolve_backend(_OP, backend, q.device)
     _check_inputs(q, k, v, layout, backend)
     head_dim = q.shape[2]
-    if softmax_scale is None:
-        softmax_scale = head_dim**-0.5
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"{_OP}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)
+    cap = 0.0 if softcap is None else positive_finite(_OP, "softcap", softcap)
+    window = 0 if sliding_window is None else window_length(_OP, "sliding_window", sliding_window)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     if backend == "triton":
@@ -190,5 +202,5 @@ def prefix_grouped_attention(
         dkdv_blocks = layout.key_blocks(block_dkdv)
     else:
         query_blocks = dq_blocks = dkdv_blocks = layout.query_blocks(None)
-    out, _ = _forward_op(q, k, v, query_blocks, dq_blocks, dkdv_blocks, float(softmax_scale), backend)
+    out, _ = _forward_op(q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, cap, window, backend)
     return out
