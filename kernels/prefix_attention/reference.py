@@ -29,7 +29,10 @@ def _chunk_rows(num_heads: int, keys: int, window: int) -> int:
     budget = _CHUNK_SCORE_ELEMENTS // num_heads
     rows = budget // keys
     if window:
-        rows = max(rows, (math.isqrt(window * window + 4 * budget) - window) // 2)
+        # The largest s with s * (s + window - 1) <= budget (the integer square root is at most 1 short).
+        span = window - 1
+        s = (math.isqrt(span * span + 4 * budget) - span) // 2
+        rows = max(rows, s + 1 if (s + 1) * (s + 1 + span) <= budget else s)
     return max(1, rows)
 
 
