@@ -26,15 +26,53 @@ def _exact_rmsnorm(self, hidden):
     return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
 
 
-def test_float64_is_exact_once_the_norm_keeps_float64(monkeypatch):
+@pytest.mark.parametrize("name, norm", [("tiny-llama", "llama.modeling_llama.LlamaRMSNorm"),
+                                        ("tiny-mistral", "mistral.modeling_mistral.MistralRMSNorm"),
+                                        ("tiny-qwen2", "qwen2.modeling_qwen2.Qwen2RMSNorm")])
+def test_float64_is_exact_once_the_norm_keeps_float64(monkeypatch, name, norm):
     """transformers' RMSNorm computes in float32 even for float64 models; with a float64 norm the
-    grouped and repeated gradients agree to float64 round-off."""
-    from transformers.models.llama import modeling_llama
+    grouped and repeated gradients agree to float64 round-off, sliding windows included (Mistral
+    and Qwen2's tiny windows are shorter than prompt + completion)."""
+    import importlib
 
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _exact_rmsnorm)
-    report = pft.verify_equivalence("tiny-llama", dtype=torch.float64, group_size=4, prompt_len=24,
+    module_name, class_name = norm.rsplit(".", 1)
+    monkeypatch.setattr(getattr(importlib.import_module(f"transformers.models.{module_name}"), class_name), "forward",
+                        _exact_rmsnorm)
+    report = pft.verify_equivalence(name, dtype=torch.float64, group_size=4, prompt_len=24,
                                     completion_len=10, device="cpu", tolerance=1e-12)
     assert report.passed, report.summary()
+
+
+def _rollout_logprobs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 96, (n,), generator=g) for n in (16, 11)]
+    completions = [[torch.randint(3, 96, (n,), generator=g) for n in sizes] for sizes in ([9, 4], [7, 10, 1])]
+    with torch.no_grad():
+        return pft.completion_logprobs(model, pft.build_grouped_batch(prompts, completions))[0]
+
+
+@pytest.mark.parametrize("name, on, off", [
+    *((name, {}, {"sliding_window": 4096}) for name in ("tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3",
+                                                        "tiny-phi3")),
+    ("tiny-gemma2", {"attn_logit_softcapping": 0.05}, {"attn_logit_softcapping": None}),
+])
+def test_tiny_configs_exercise_their_windows_and_caps(name, on, off):
+    """The equivalence tests above are not vacuous: the tiny configs' windows (8 tokens, shorter
+    than their rollouts) change the grouped log-probs, and so does Gemma2's soft-capping, which on
+    a tiny random model's small scores binds only when scaled down (its real 50 changes ~1e-8)."""
+    with_option = _rollout_logprobs(pft.tiny_model(name, dtype=torch.float64, **on))
+    without = _rollout_logprobs(pft.tiny_model(name, dtype=torch.float64, **off))
+    assert (with_option - without).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_binding_softcap_grouped_equals_repeated(padding_side):
+    """Gemma2 with a soft-cap that binds on the tiny model's scores (and its sliding window):
+    grouped vs transformers' eager attention on the repeated batch (SDPA would ignore the cap)."""
+    model = pft.tiny_model("tiny-gemma2", dtype=torch.float64, attn_logit_softcapping=0.05)
+    report = pft.verify_equivalence(model, group_size=3, prompt_len=20, completion_len=9, padding_side=padding_side)
+    assert report.passed, report.summary()
+    assert report.reference_attention == pft.EAGER_REFERENCE
 
 
 def _grads_and_logprobs(model, batch):
@@ -94,6 +132,25 @@ def test_fallback_sliding_window_is_applied():
         ours = model(ids).logits
         model.set_attn_implementation("sdpa")
         torch.testing.assert_close(ours, model(ids).logits)
+
+
+def test_fallback_soft_capping_is_applied():
+    """Without a layout a soft-capped layer runs the model's eager attention (SDPA would drop the
+    cap): the same logits and greedy generation as transformers' eager implementation."""
+    model = pft.tiny_model("tiny-gemma2", attn_logit_softcapping=0.05, sliding_window=4)
+    ids = torch.randint(3, 96, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        ours_plain = model(ids).logits
+        ours_masked = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        model.set_attn_implementation("eager")
+        torch.testing.assert_close(ours_plain, model(ids).logits)
+        torch.testing.assert_close(ours_masked[mask.bool()], model(ids, attention_mask=mask).logits[mask.bool()])
+        assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+        model.set_attn_implementation("sdpa")  # the cap binds: ignoring it changes the logits
+        assert (model(ids).logits - ours_plain).abs().max() > 1e-4
 
 
 def test_torch_compile_of_a_tiny_model_with_grouped_attention():
@@ -164,15 +221,15 @@ def test_bad_model_use_raises_clear_errors():
 
 def test_unsupported_features_and_models_are_refused():
     batch = _small_batch()
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        pft.completion_logprobs(pft.tiny_model("tiny-gemma2", attn_logit_softcapping=50.0), batch)
-    with pytest.raises(NotImplementedError, match="sliding-window attention \\(window 3\\)"):
-        pft.completion_logprobs(pft.tiny_model("tiny-mistral", sliding_window=3), batch)
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        pft.completion_logprobs(pft.tiny_model("tiny-llama", attention_dropout=0.1).train(), batch)
+    with pytest.raises(NotImplementedError, match="bidirectional attention"):
+        pft.completion_logprobs(pft.tiny_model("tiny-gemma3", use_bidirectional_attention=True), batch)
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2))
     gpt2.config._attn_implementation = pft.ATTN_IMPLEMENTATION
-    with pytest.raises(NotImplementedError, match="supported: llama, qwen2, qwen3, mistral, gemma2, phi3"):
+    with pytest.raises(NotImplementedError, match="supported: llama, qwen2, qwen3, mistral, gemma2, gemma3_text, phi3"):
         pft.completion_logprobs(gpt2, batch)
     with pytest.raises(ValueError, match="unknown tiny model"):
         pft.tiny_model("tiny-gpt2")
@@ -185,6 +242,10 @@ def test_verify_cli(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PASS" in out and "worst 5" in out and "tokens through the model" in out
+    assert main(["verify", "--model", "tiny-gemma2", "--prompt-len", "16", "--completion-len", "8", "--device", "cpu",
+                 "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "transformers 'pyfastrl_eager' attention" in out
     assert main(["verify", "--model", "/no/such/dir"]) == 2
     assert "neither a local directory nor a built-in tiny config" in capsys.readouterr().err
 

@@ -11,11 +11,15 @@ and ``AttentionMaskInterface``. A grouped forward passes ``prefix_layout=`` thro
 forward kwargs, which transformers hands to every attention call. For such a forward the mask
 entry returns None, so transformers neither builds a dense mask nor splits the batch where the
 position ids restart (which would cut every completion off its prompt); the attention function
-then runs ``prefix_grouped_attention`` on the layout. Without a layout (generation, evaluation) it
-is transformers' SDPA attention with transformers' own masks.
+then runs ``prefix_grouped_attention`` on the layout, with the layer's ``scaling``, ``softcap``
+and ``sliding_window`` as transformers passes them (so Gemma2's logit soft-capping and the
+sliding-window layers of Mistral, Qwen2, Gemma2/3 and Phi3 group too). Without a layout
+(generation, evaluation) it is transformers' SDPA attention with transformers' own masks, or the
+model's eager attention for a soft-capped layer (SDPA cannot soft-cap).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +28,10 @@ from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 
 ATTN_IMPLEMENTATION = "pyfastrl_prefix"
 LAYOUT_KWARG = "prefix_layout"
+# transformers' eager attention with a float32-safe mask (see model_eager_attention).
+EAGER_REFERENCE = "pyfastrl_eager"
 # Model types whose tiny configs are tested for equivalence (tests/test_transformers_integration.py).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3")
 
 
 def _check_model_type(config) -> None:
@@ -48,22 +54,16 @@ def _grouped_attention(module, query, key, value, attention_mask, layout, scalin
         raise ValueError(f"a grouped batch packs everything in one row; got batch size {query.shape[0]}")
     if module.training and dropout > 0:
         raise NotImplementedError("attention dropout is not supported with prefix grouping; set attention_dropout=0")
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
+    if not getattr(module, "is_causal", True):
         raise NotImplementedError(
-            f"attention logit soft-capping (softcap={softcap}, e.g. Gemma2's attn_logit_softcapping) is not "
-            "supported by prefix_grouped_attention yet; set config.attn_logit_softcapping=None or use 'sdpa'"
-        )
-    window = kwargs.get("sliding_window")
-    if window is not None and layout.longest_sequence > window:
-        raise NotImplementedError(
-            f"sliding-window attention (window {window}) binds for sequences of {layout.longest_sequence} "
-            "tokens (prompt + completion), which prefix grouping does not implement; keep prompt + completion "
-            f"<= {window} tokens or use 'sdpa'"
+            "bidirectional attention (e.g. use_bidirectional_attention=True) cannot be prefix-grouped: a prompt "
+            "token would see its completions"
         )
     # (1, H, T, D) -> (T, H, D) views with a unit-stride head dim: read in place, no copy.
+    # transformers passes the layer's own softcap (Gemma2) and window (None on full-attention layers).
     out = prefix_grouped_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, softmax_scale=scaling
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, softmax_scale=scaling,
+        softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
     )
     return out.unsqueeze(0), None
 
@@ -72,9 +72,10 @@ def _fallback_attention(module, query, key, value, attention_mask, scaling, drop
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
+    softcap = kwargs.get("softcap")
     if attention_mask is None and q_len > 1:
-        # Our mask entry returned None for a cache-free, padding-free call (see sdpa_mask_unless_plain_causal); two things a
-        # real mask would have carried are handled here instead.
+        # Our mask entry returned None for a cache-free, padding-free call (see sdpa_mask_unless_plain_causal); what a
+        # real mask would have carried is handled here instead.
         positions = kwargs.get("position_ids")
         if positions is not None and not torch.compiler.is_compiling():
             steps = positions.diff(dim=-1)
@@ -84,11 +85,35 @@ def _fallback_attention(module, query, key, value, attention_mask, scaling, drop
                     "a grouped batch (pyfastrl.integrations.transformers.build_grouped_batch) or an attention_mask"
                 )
         window = kwargs.get("sliding_window")
-        if window is not None and kv_len > window:
-            rows = torch.arange(q_len, device=query.device)[:, None]
+        if (window is not None and kv_len > window) or softcap is not None:
+            rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
             cols = torch.arange(kv_len, device=query.device)[None, :]
-            attention_mask = ((cols <= rows) & (rows - cols < window))[None, None]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            attention_mask = cols <= rows
+            if window is not None:
+                attention_mask &= rows - cols < window
+            attention_mask = attention_mask[None, None]
+    attention = sdpa_attention_forward if softcap is None else model_eager_attention  # SDPA would drop the cap
+    return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def model_eager_attention(module, query, key, value, attention_mask, **kwargs):
+    """The eager attention function of the module's own transformers model file (the one that
+    applies ``softcap``), registered as ``"pyfastrl_eager"``: ``verify_equivalence``'s reference for
+    soft-capped models. ``attention_mask`` may be boolean (True = attend) or additive; blocked
+    entries get the most negative value finite in float32, the dtype of eager attention's softmax:
+    transformers' float64 mask value becomes -inf there, which turns a fully masked padding row
+    into NaN."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__module__} has no eager attention function to soft-cap with")
+    if attention_mask is not None:
+        blocked = max(torch.finfo(query.dtype).min, torch.finfo(torch.float32).min)
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, blocked)
+        else:
+            attention_mask = attention_mask.clamp(min=blocked)
+    return eager(module, query, key, value, attention_mask, **kwargs)
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -115,14 +140,16 @@ def sdpa_mask_unless_plain_causal(*, attention_mask=None, q_offset=0, kv_offset=
 
 
 def register() -> None:
-    """Register ``"pyfastrl_prefix"`` with transformers (idempotent). Afterwards use
-    ``from_pretrained(..., attn_implementation="pyfastrl_prefix")`` or
-    ``model.set_attn_implementation("pyfastrl_prefix")``."""
+    """Register ``"pyfastrl_prefix"`` (and ``"pyfastrl_eager"``, see ``model_eager_attention``) with
+    transformers (idempotent). Afterwards use ``from_pretrained(..., attn_implementation="pyfastrl_prefix")``
+    or ``model.set_attn_implementation("pyfastrl_prefix")``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask_unless_plain_causal)
+    AttentionInterface.register(EAGER_REFERENCE, model_eager_attention)
+    AttentionMaskInterface.register(EAGER_REFERENCE, eager_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,15 +366,20 @@ def completion_hidden_states(model, batch) -> torch.Tensor:
 _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
              eos_token_id=2)
-# Built-in tiny randomly initialised configs (no downloads): name -> (config class, overrides).
+# A sliding window shorter than a tiny rollout's prompt + completion, so that windows bind.
+_TINY_WINDOW = 8
+# Built-in tiny randomly initialised configs (no downloads): name -> (config class, overrides). Models
+# with sliding windows get a short one (Qwen2: layer 1 slides, layer 0 is full; Gemma2/3: layer 0
+# slides); Gemma2 keeps its real attention and final logit soft-capping (50, 30).
 TINY_CONFIGS = {
     "tiny-llama": ("LlamaConfig", {}),
-    "tiny-qwen2": ("Qwen2Config", {}),
+    "tiny-qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": _TINY_WINDOW, "max_window_layers": 1}),
     "tiny-qwen3": ("Qwen3Config", {}),
-    "tiny-mistral": ("MistralConfig", {}),
-    # Soft-capping is not implemented by the grouped op: the tiny Gemma2 turns it off.
-    "tiny-gemma2": ("Gemma2Config", {"attn_logit_softcapping": None, "query_pre_attn_scalar": 16}),
-    "tiny-phi3": ("Phi3Config", {}),
+    "tiny-mistral": ("MistralConfig", {"sliding_window": _TINY_WINDOW}),
+    "tiny-gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16, "sliding_window": _TINY_WINDOW}),
+    "tiny-gemma3": ("Gemma3TextConfig", {"query_pre_attn_scalar": 16, "sliding_window": _TINY_WINDOW,
+                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "tiny-phi3": ("Phi3Config", {"sliding_window": _TINY_WINDOW}),
 }
 # Relative tolerance (max |grouped - repeated| / max |repeated|) of verify_equivalence per dtype.
 # Per parameter, so tiny gradients (cancellation noise) set the bar. float64 is floored near 1e-7 by
@@ -377,6 +409,7 @@ class EquivalenceReport:
 
     model: str
     dtype: str
+    reference_attention: str  # transformers' attention implementation run on the repeated batch
     tolerance: float
     logprob_abs: float
     logprob_rel: float
@@ -398,6 +431,8 @@ class EquivalenceReport:
     def summary(self, top: int = 5) -> str:
         lines = [
             f"model {self.model} ({self.dtype}); tolerance {self.tolerance:.0e} (relative to the largest value)",
+            f"repeated batch: transformers {self.reference_attention!r} attention; grouped batch: "
+            f"{ATTN_IMPLEMENTATION!r}",
             f"tokens through the model: repeated {self.tokens_repeated:,} -> grouped {self.tokens_grouped:,} "
             f"({self.tokens_repeated / self.tokens_grouped:.2f}x fewer)",
             f"forward+backward wall time: repeated {self.seconds_repeated:.3f} s, grouped {self.seconds_grouped:.3f} s",
@@ -408,6 +443,13 @@ class EquivalenceReport:
         lines.append("PASS: grouped and repeated batches give the same log-probs and gradients" if self.passed
                      else "FAIL: differences exceed the tolerance")
         return "\n".join(lines)
+
+
+def _reference_attention(config) -> str:
+    """transformers' own attention for the repeated batch: SDPA, or the model's eager attention where
+    a layer soft-caps its logits (transformers' SDPA path ignores ``softcap``)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return "sdpa" if getattr(text_config, "attn_logit_softcapping", None) is None else EAGER_REFERENCE
 
 
 def _random_rollout(vocab: int, num_prompts: int, group_size: int, prompt_len: int, completion_len: int,
@@ -427,9 +469,10 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
                        completion_len: int = 32, dtype=torch.float32, device=None, seed: int = 0,
                        padding_side: str = "left", gradient_checkpointing: bool = False,
                        tolerance: float | None = None) -> EquivalenceReport:
-    """Run the repeated-prompt batch (transformers' SDPA attention) and the grouped batch
-    (``"pyfastrl_prefix"``) on the same random rollout, forward and backward through a GRPO-like loss,
-    and compare completion log-probs and every parameter gradient.
+    """Run the repeated-prompt batch (transformers' SDPA attention; eager for a model whose attention
+    logits are soft-capped) and the grouped batch (``"pyfastrl_prefix"``) on the same random rollout,
+    forward and backward through a GRPO-like loss, and compare completion log-probs and every
+    parameter gradient. Soft-capping and sliding windows run as the model's config sets them.
 
     Args:
         model: a built-in tiny config name (``TINY_CONFIGS``), a local HF model directory, or a
@@ -479,6 +522,7 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
                                            completion_len, generator)
     advantages = torch.randn(num_prompts * group_size, generator=generator, dtype=torch.float64).to(device)
     original = model.config._attn_implementation
+    reference = _reference_attention(model.config)
 
     def step(batch, implementation):
         model.set_attn_implementation(implementation)
@@ -500,7 +544,7 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
         repeated = build_repeated_batch(prompts, completions, padding_side=padding_side,
                                         pad_token_id=model.config.pad_token_id or 0, device=device)
         grouped = build_grouped_batch(prompts, completions, device=device)
-        lp_rep, grads_rep, sec_rep = step(repeated, "sdpa")
+        lp_rep, grads_rep, sec_rep = step(repeated, reference)
         lp_grp, grads_grp, sec_grp = step(grouped, ATTN_IMPLEMENTATION)
     finally:
         model.set_attn_implementation(original)
@@ -517,7 +561,7 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
         diff = (grads_grp[n] - g).abs().max().item()
         grad_rel[n] = (diff, rel(diff, g))
     return EquivalenceReport(
-        model=name, dtype=str(dtype).replace("torch.", ""), tolerance=tolerance,
+        model=name, dtype=str(dtype).replace("torch.", ""), reference_attention=reference, tolerance=tolerance,
         logprob_abs=lp_abs, logprob_rel=rel(lp_abs, lp_rep), grad_rel=grad_rel,
         tokens_repeated=repeated.input_ids.numel(), tokens_grouped=grouped.input_ids.numel(),
         seconds_repeated=sec_rep, seconds_grouped=sec_grp,
