@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="check that prefix grouping leaves a transformers model's log-probs and gradients unchanged",
-        description="Runs the repeated-prompt batch (transformers SDPA attention) and the grouped batch "
+        description="Runs the repeated-prompt batch (transformers SDPA attention; the model's eager attention "
+        "where attention logits are soft-capped, which SDPA ignores) and the grouped batch "
         "(pyfastrl_prefix attention) on the same random rollout, forward and backward through a GRPO-like "
         "loss, and reports the max differences of completion log-probs and of every parameter gradient "
         "(worst parameters named), token counts and wall times. Exits 1 beyond tolerance.",
