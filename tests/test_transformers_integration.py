@@ -110,19 +110,28 @@ def test_first_completion_token_is_predicted_at_the_last_prompt_position():
     assert batch.target_ids.tolist() == [10, 11, 12, 13, 14, 15]
 
 
-def test_fallback_without_layout_is_ordinary_attention():
-    model = pft.tiny_model("tiny-llama")
+@pytest.mark.parametrize("name, overrides, reference", [
+    ("tiny-llama", {}, "sdpa"),
+    # A soft-capped layer runs the model's eager attention (SDPA would drop the cap).
+    ("tiny-gemma2", {"attn_logit_softcapping": 0.05, "sliding_window": 4}, "eager"),
+])
+def test_fallback_without_layout_is_ordinary_attention(name, overrides, reference):
+    """Without a layout: the same logits and greedy generation as transformers' own implementation."""
+    model = pft.tiny_model(name, **overrides)
     ids = torch.randint(3, 96, (3, 11))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     with torch.no_grad():
         ours_plain = model(ids).logits
         ours_masked = model(ids, attention_mask=mask).logits
-        generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        model.set_attn_implementation("sdpa")
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        model.set_attn_implementation(reference)
         torch.testing.assert_close(ours_plain, model(ids).logits)
         torch.testing.assert_close(ours_masked[mask.bool()], model(ids, attention_mask=mask).logits[mask.bool()])
-        assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+        assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+        if overrides:  # the cap binds: SDPA, which ignores it, gives other logits
+            model.set_attn_implementation("sdpa")
+            assert (model(ids).logits - ours_plain).abs().max() > 1e-4
 
 
 def test_fallback_sliding_window_is_applied():
@@ -132,25 +141,6 @@ def test_fallback_sliding_window_is_applied():
         ours = model(ids).logits
         model.set_attn_implementation("sdpa")
         torch.testing.assert_close(ours, model(ids).logits)
-
-
-def test_fallback_soft_capping_is_applied():
-    """Without a layout a soft-capped layer runs the model's eager attention (SDPA would drop the
-    cap): the same logits and greedy generation as transformers' eager implementation."""
-    model = pft.tiny_model("tiny-gemma2", attn_logit_softcapping=0.05, sliding_window=4)
-    ids = torch.randint(3, 96, (3, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding
-    with torch.no_grad():
-        ours_plain = model(ids).logits
-        ours_masked = model(ids, attention_mask=mask).logits
-        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        model.set_attn_implementation("eager")
-        torch.testing.assert_close(ours_plain, model(ids).logits)
-        torch.testing.assert_close(ours_masked[mask.bool()], model(ids, attention_mask=mask).logits[mask.bool()])
-        assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
-        model.set_attn_implementation("sdpa")  # the cap binds: ignoring it changes the logits
-        assert (model(ids).logits - ours_plain).abs().max() > 1e-4
 
 
 def test_torch_compile_of_a_tiny_model_with_grouped_attention():
