@@ -239,16 +239,9 @@ def _common(q: torch.Tensor, k: torch.Tensor):
     )
 
 
-def _refuse_options(softcap: float, window: int) -> None:
-    if softcap or window:
-        raise NotImplementedError("prefix_grouped_attention: backend 'triton' does not implement softcap or "
-                                  "sliding_window yet; use backend='torch'")
-
-
-def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
+def forward(q, k, v, query_blocks, scale: float):
     """Launch the forward. ``query_blocks`` = ``layout.query_blocks(block_sizes(D)[0])``.
     Inputs need unit stride in the head dim. Returns ``out (T, Hq, D)`` and ``lse (Hq, T)`` fp32."""
-    _refuse_options(softcap, window)
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
@@ -262,9 +255,8 @@ def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float, softcap: float, window: int):
+def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float):
     """Launch the backward; the block tables come from ``block_sizes(D)[1:]``. Returns ``(dq, dk, dv)``."""
-    _refuse_options(softcap, window)
     num_tokens, num_heads, head_dim = q.shape
     _, block_dq, block_dkdv = block_sizes(head_dim)
     common = _common(q, k)
