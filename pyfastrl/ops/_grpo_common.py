@@ -262,7 +262,7 @@ class LossSetup:
                  vllm_importance_sampling_correction, vllm_importance_sampling_mode, vllm_importance_sampling_clip_min,
                  vllm_importance_sampling_clip_max, off_policy_mask_threshold, top_entropy_quantile, vespo_k_pos,
                  vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, **options):
-        from pyfastrl.ops.grpo_advantages import grpo_advantages
+        from pyfastrl.ops.grpo_advantages import group_advantages
 
         device = tokens.device
         if tokens.dim() == 2:
@@ -276,7 +276,8 @@ class LossSetup:
             self.cu_seqlens = check_cu_seqlens(op, cu_seqlens, tokens.shape[0], device, validation)
             num_rows = self.cu_seqlens.numel() - 1
         num_tokens = valid.numel()
-        self.rows = reference.row_of_token(self.cu_seqlens, num_tokens)
+        # Clamped so that offsets that fail validation (read later, in the one sync) cannot index out of range.
+        self.rows = reference.row_of_token(self.cu_seqlens, num_tokens).clamp_(max=num_rows - 1)
         old = same_shape(op, "old_per_token_logps", old_per_token_logps, tokens, tokens_name)
         ref = same_shape(op, "ref_per_token_logps", ref_per_token_logps, tokens, tokens_name)
         sampling = same_shape(op, "sampling_per_token_logps", sampling_per_token_logps, tokens, tokens_name)
@@ -299,8 +300,7 @@ class LossSetup:
                 raise ValueError(f"{op}: rewards has {rewards.numel()} entries but there are {num_rows} rows")
             if group_size is None:
                 raise ValueError(f"{op}: rewards need group_size (completions per prompt) to be normalised")
-            advantages = grpo_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards,
-                                         validate=validation.enabled)
+            advantages = group_advantages(rewards, group_size, None, scale_rewards, 1e-4, validation)
         elif group_size is not None:
             raise ValueError(f"{op}: group_size goes with rewards; advantages are already normalised")
         check_tensor(op, "advantages", advantages, (1, 2), FLOAT_DTYPES, device)

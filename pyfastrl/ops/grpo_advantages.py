@@ -44,6 +44,14 @@ def grpo_advantages(
         ValueError for a group size that does not divide B, an unknown ``scale_rewards``, and
         (``validate=True``) an infinite reward, naming the first.
     """
+    validation = Validation("grpo_advantages", validate)
+    advantages = group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation)
+    validation.read()
+    return advantages
+
+
+def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation: Validation) -> torch.Tensor:
+    """``grpo_advantages`` with its value checks added to ``validation`` (read by the caller)."""
     op = "grpo_advantages"
     check_tensor(op, "rewards", rewards, (1,), None)
     if rewards.is_complex() or rewards.dtype == torch.bool:
@@ -69,12 +77,10 @@ def grpo_advantages(
             raise ValueError(f"{op}: group_ids must be an integer tensor with one label per reward ({num})")
         labels, group_index = torch.unique(group_ids, return_inverse=True)
         num_groups = labels.numel()
-    validation = Validation(op, validate)
     if rewards.is_floating_point():
         infinite = torch.isinf(rewards)
         validation.add(infinite.any(), lambda: f"rewards[{int(infinite.nonzero()[0])}] is "
                                                f"{rewards[infinite].flatten()[0].item()}; rewards must be finite "
                                                "(NaN marks an unscorable completion)")
-    validation.read()
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return reference.group_advantages(rewards, group_index, num_groups, scale, float(eps)).to(out_dtype)
