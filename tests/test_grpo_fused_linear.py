@@ -20,26 +20,28 @@ from grpo_testing import (
     tol_of,
 )
 from pyfastrl import fused_linear_grpo_loss, selective_logprobs
-from pyfastrl.kernels.grpo_loss.reference import naive_grpo_loss, naive_token_logprobs
+from pyfastrl.kernels.grpo_loss.reference import naive_grpo_loss, naive_importance_sampling_ratio, naive_token_logprobs
 from pyfastrl.kernels.launch_target import gpu_tiles
 
 
 def _fused_vs_naive(backend, opts, temperature, chunk_size=7, extra=None, **data):
-    """The fused op against the reference; ``extra(logp, entropy)`` -> (op kwargs, reference kwargs)."""
+    """The fused op against the reference. ``extra(logp, entropy, old, mask, adv)`` -> (op kwargs,
+    reference kwargs) adds inputs that depend on the data (and may replace ``advantages``)."""
     h, w, b, targets, mask, adv, old, ref = lm_data(temperature=temperature, **data)
     dtype = dtype_of(backend)
     ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     logp, entropy = naive_token_logprobs(ref_leaves[0], ref_leaves[1], targets, ref_leaves[2], temperature)
-    op_extra, ref_extra = extra(logp.detach(), entropy.detach()) if extra else ({}, {})
+    op_extra, ref_extra = extra(logp.detach(), entropy.detach(), old, mask, adv) if extra else ({}, {})
+    op_extra = {k: v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) else v for k, v in op_extra.items()}
     leaves = [t.to(DEVICE, dtype).clone().requires_grad_() for t in (h, w, b)]
     loss, metrics = fused_linear_grpo_loss(
         *leaves[:2], targets.to(DEVICE), mask.to(DEVICE), bias=leaves[2], temperature=temperature,
-        chunk_size=chunk_size, advantages=adv.to(DEVICE, dtype), old_per_token_logps=old.to(DEVICE, dtype),
-        ref_per_token_logps=ref.to(DEVICE, dtype), backend=backend,
-        **{k: v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) else v for k, v in op_extra.items()}, **opts)
+        chunk_size=chunk_size, advantages=op_extra.pop("advantages", adv.to(DEVICE, dtype)),
+        old_per_token_logps=old.to(DEVICE, dtype), ref_per_token_logps=ref.to(DEVICE, dtype), backend=backend,
+        **op_extra, **opts)
     loss.backward()
-    expected, expected_metrics = naive_grpo_loss(logp, mask, adv, old, ref, entropies=entropy.detach(), **ref_extra,
-                                                 **opts)
+    expected, expected_metrics = naive_grpo_loss(logp, mask, ref_extra.pop("advantages", adv), old, ref,
+                                                 entropies=entropy.detach(), **ref_extra, **opts)
     expected.backward()
     tol = tol_of(backend)
     close(loss, expected, tol, "loss")
@@ -64,46 +66,18 @@ def test_fused_linear_masks_importance_sampling_and_token_advantages(backend, lo
     # Off-policy mask, entropy mask (on the op's own entropies), the vLLM ratio computed from the
     # engine's log-probs, and per-token advantages, all at once.
     g = torch.Generator().manual_seed(11)
-    mode = "token_truncate"
+    mode, clips = "token_truncate", dict(vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=2.0)
 
-    def extra(logp, entropy):
+    def extra(logp, entropy, old, mask, adv):
         sampling = logp + 0.4 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
-        old = lm_data()[6]
-        mask = lm_data()[4]
-        from pyfastrl.kernels.grpo_loss.reference import naive_importance_sampling_ratio
-
         ratio = naive_importance_sampling_ratio(old, sampling, mask, mode, 0.5, 2.0)
-        token_adv = lm_data()[5][:, None] + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
-        clips = dict(vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=2.0)
+        token_adv = adv[:, None] + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
         return (dict(sampling_per_token_logps=sampling, vllm_importance_sampling_mode=mode, advantages=token_adv,
                      **clips),
                 dict(sampling_per_token_logps=sampling, importance_sampling_ratio=ratio, advantages=token_adv))
 
     opts = loss_options(loss_type, level, 0.04, None, off_policy_mask_threshold=0.05, top_entropy_quantile=0.5)
-    _fused_vs_naive_with_advantages(backend, opts, extra)
-
-
-def _fused_vs_naive_with_advantages(backend, opts, extra):
-    """``_fused_vs_naive`` where ``extra`` also replaces the advantages."""
-    h, w, b, targets, mask, _, old, ref = lm_data()
-    dtype = dtype_of(backend)
-    ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    logp, entropy = naive_token_logprobs(ref_leaves[0], ref_leaves[1], targets, ref_leaves[2])
-    op_extra, ref_extra = extra(logp.detach(), entropy.detach())
-    leaves = [t.to(DEVICE, dtype).clone().requires_grad_() for t in (h, w, b)]
-    loss, metrics = fused_linear_grpo_loss(
-        *leaves[:2], targets.to(DEVICE), mask.to(DEVICE), bias=leaves[2], chunk_size=7,
-        old_per_token_logps=old.to(DEVICE, dtype), ref_per_token_logps=ref.to(DEVICE, dtype), backend=backend,
-        **{k: v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) else v for k, v in op_extra.items()}, **opts)
-    loss.backward()
-    expected, expected_metrics = naive_grpo_loss(logp, mask, ref_extra.pop("advantages"), old, ref,
-                                                 entropies=entropy.detach(), **ref_extra, **opts)
-    expected.backward()
-    tol = tol_of(backend)
-    close(loss, expected, tol, "loss")
-    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
-        close(leaf.grad, ref_leaf.grad, tol, f"d{name}")
-    check_metrics(metrics, expected_metrics, tol)
+    _fused_vs_naive(backend, opts, 1.0, extra=extra)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
