@@ -329,7 +329,8 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, num_group
     return torch.where(scorable & enough, centered, 0.0)
 
 
-def _segment_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+def segment_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per-row sums ``(num_rows,)`` of per-token ``values``, token t in row ``rows[t]``."""
     return values.new_zeros(num_rows).index_add_(0, rows, values)
 
 
@@ -400,9 +401,9 @@ def _prepare(logp, old, ref, weight, mask, cu_seqlens, advantages, opts):
     ref = ref.to(dtype) if opts.beta != 0.0 else None
     weight = None if weight is None else weight.to(dtype)
     diff = logp - old
-    counts = _segment_sum(valid.to(dtype), rows, num_rows)
+    counts = segment_sum(valid.to(dtype), rows, num_rows)
     if opts.sequence_level:
-        diff = (_segment_sum(torch.where(valid, diff, 0.0), rows, num_rows) / counts.clamp(min=1))[rows]
+        diff = (segment_sum(torch.where(valid, diff, 0.0), rows, num_rows) / counts.clamp(min=1))[rows]
     return logp, diff, ref, weight, valid, rows, num_rows, counts, advantages.to(dtype)
 
 
@@ -418,7 +419,7 @@ def loss_forward(logp, old, ref, weight, mask, cu_seqlens, advantages, opts: Los
     loss, _, _, kl, low, high, dclip, ratio = _token_terms(logp, log_ratio, ref, adv, weight, opts)
 
     def row_sum(x):
-        return _segment_sum(torch.where(valid, x.to(logp.dtype), 0.0), rows, num_rows)
+        return segment_sum(torch.where(valid, x.to(logp.dtype), 0.0), rows, num_rows)
 
     ratio_min = torch.full_like(counts, torch.inf).scatter_reduce(0, rows, torch.where(valid, ratio, torch.inf), "amin")
     ratio_max = torch.full_like(counts, -torch.inf).scatter_reduce(0, rows, torch.where(valid, ratio, -torch.inf), "amax")
@@ -435,7 +436,7 @@ def loss_backward(row_grad, logp, old, ref, weight, mask, cu_seqlens, advantages
     row_grad = row_grad.to(logp.dtype)[rows]
     if opts.sequence_level:
         # log s_b is the mean of the row's log-ratios: d log s_b / d logp_t = 1 / n_b.
-        via_ratio = (_segment_sum(torch.where(valid, row_grad * via_ratio, 0.0), rows, num_rows) / counts.clamp(min=1))[rows]
+        via_ratio = (segment_sum(torch.where(valid, row_grad * via_ratio, 0.0), rows, num_rows) / counts.clamp(min=1))[rows]
         grad = row_grad * direct + via_ratio
     else:
         grad = row_grad * (direct + via_ratio)

@@ -30,6 +30,7 @@ from pyfastrl.kernels.grpo_loss.reference import (
     VESPO_LOG_MIN,
     VLLM_IMPORTANCE_SAMPLING_MODES,
     LossOptions,
+    segment_sum,
 )
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -213,30 +214,24 @@ def stage_options(op, *, off_policy_mask_threshold, top_entropy_quantile, vespo_
                         float(vespo_k_neg), float(vespo_lambda_neg))
 
 
-# The loss options every public loss takes, with TRL 1.16's GRPOConfig defaults.
-LOSS_DEFAULTS = dict(
-    advantages=None, rewards=None, group_size=None, scale_rewards="group",
-    old_per_token_logps=None, ref_per_token_logps=None,
-    loss_type="dapo", importance_sampling_level="token", epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
-    kl_estimator="k3", use_bias_correction_kl=True, max_completion_length=None, num_items_in_batch=None,
-    importance_sampling_ratio=None, sampling_per_token_logps=None, vllm_importance_sampling_correction=True,
-    vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=None,
-    vllm_importance_sampling_clip_max=3.0, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
-    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-    vespo_lambda_neg=2.0,
+# The loss options every public loss takes (named, and defaulting, as TRL 1.16's GRPOConfig).
+LOSS_ARGUMENTS = (
+    "advantages", "rewards", "group_size", "scale_rewards", "old_per_token_logps", "ref_per_token_logps",
+    "loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "beta", "kl_estimator",
+    "use_bias_correction_kl", "max_completion_length", "num_items_in_batch", "importance_sampling_ratio",
+    "sampling_per_token_logps", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max", "off_policy_mask_threshold",
+    "top_entropy_quantile", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg",
 )
 
 
 def loss_arguments(arguments: dict) -> dict:
     """The loss options among a public function's arguments (both public losses take all of them)."""
-    return {name: arguments[name] for name in LOSS_DEFAULTS}
+    return {name: arguments[name] for name in LOSS_ARGUMENTS}
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def _segment_sum(values, rows, num_rows):
-    return values.new_zeros(num_rows).index_add_(0, rows, values)
 
 
 def _row_counts(valid: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -357,7 +352,7 @@ class LossSetup:
                                  f"('token_truncate' or 'token_mask'), got {mode!r}")
             diff = torch.nan_to_num(torch.where(valid, self.old - self.sampling, 0.0), nan=0.0)
             if per_row:
-                diff = _segment_sum(diff, self.rows, num_rows)
+                diff = segment_sum(diff, self.rows, num_rows)
             ratio = torch.exp(diff)
             if mode.endswith("truncate"):
                 ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
@@ -370,7 +365,7 @@ class LossSetup:
             return
         if self.opts.loss_type == "vespo":  # TRL folds it into phi, in log space
             log_is = torch.clamp(torch.log(ratio), VESPO_LOG_MIN, VESPO_LOG_MAX)
-            self.vespo_log_is = log_is if per_row else _segment_sum(torch.where(valid, log_is, 0.0), self.rows, num_rows)
+            self.vespo_log_is = log_is if per_row else segment_sum(torch.where(valid, log_is, 0.0), self.rows, num_rows)
         else:
             self.is_weight = (ratio[self.rows] if per_row else ratio).contiguous()
 
@@ -438,14 +433,14 @@ def policy_weights(logp, entropy, valid, rows, counts, old, sampling, advantages
         factors.append(is_weight)
     if stage.off_policy_mask_threshold is not None:
         kl = torch.nan_to_num((old if sampling is None else sampling) - logp, nan=0.0)
-        row_kl = _segment_sum(torch.where(valid_t, kl, 0.0), rows, num_rows) / counts.clamp(min=1)
+        row_kl = segment_sum(torch.where(valid_t, kl, 0.0), rows, num_rows) / counts.clamp(min=1)
         factors.append(((advantages >= 0) | (row_kl[rows] <= stage.off_policy_mask_threshold)).to(dtype))
     if stage.top_entropy_quantile < 1.0:
         threshold, n = _quantile(entropy.to(dtype), valid_t, 1.0 - stage.top_entropy_quantile)
         factors.append((valid_t & (entropy.to(dtype) >= threshold) & (n > 0)).to(dtype))
     if loss_type == "vespo":
         log_ratio = torch.clamp(logp - old, -20.0, 20.0)
-        seq = _segment_sum(torch.where(valid_t, log_ratio, 0.0), rows, num_rows)
+        seq = segment_sum(torch.where(valid_t, log_ratio, 0.0), rows, num_rows)
         if vespo_log_is is not None:
             seq = seq + vespo_log_is
         log_w = torch.clamp(seq, VESPO_LOG_MIN, VESPO_LOG_MAX)
