@@ -34,7 +34,7 @@ CPU_SHAPE = dict(hidden=64, vocab=2048, row_length=128, dtype=torch.float32)
 FULL_TOKENS = (4096, 16384, 65536)
 QUICK_TOKENS = (4096, 16384)
 CPU_TOKENS = (256, 1024)
-LOSS = dict(loss_type="dapo", eps_low=0.2, eps_high=0.28)
+LOSS = dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28)
 
 
 def floor_flops(tokens: int, hidden: int, vocab: int) -> float:
@@ -88,7 +88,7 @@ def build_methods(*, cuda: bool) -> tuple[dict, dict]:
 
     def ours(backend):
         def loss(h, w, targets, mask, adv, old):
-            return fused_linear_grpo_loss(h, w, targets, mask, advantages=adv, old_logprobs=old, backend=backend,
+            return fused_linear_grpo_loss(h, w, targets, mask, advantages=adv, old_per_token_logps=old, backend=backend,
                                           **LOSS)[0]
         return loss
 

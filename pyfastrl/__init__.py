@@ -13,7 +13,9 @@ Public API:
     nn.LocalLinearAttention   -- the same as a module with a learnable per-head lambda
 """
 from pyfastrl.layout import PrefixGroupLayout
-from pyfastrl.ops.grpo_loss import fused_linear_grpo_loss, grpo_advantages, grpo_loss, selective_logprobs
+from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, selective_logprobs
+from pyfastrl.ops.grpo_advantages import grpo_advantages
+from pyfastrl.ops.grpo_loss import grpo_loss
 from pyfastrl.ops.local_linear_attention import local_linear_attention
 from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 
