@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import trl
 from accelerate.utils import is_peft_model
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from pyfastrl import PrefixGroupLayout, selective_logprobs
@@ -49,6 +51,9 @@ from pyfastrl.integrations.transformers import (
 
 # TRL versions whose GRPOTrainer internals this module was checked against (setup.py's "trl" extra).
 SUPPORTED_TRL = ">=1.16,<1.17"
+if Version(trl.__version__) not in SpecifierSet(SUPPORTED_TRL):
+    warnings.warn(f"pyfastrl.integrations.trl is tested with trl{SUPPORTED_TRL}; found trl {trl.__version__}: the "
+                  "methods it overrides may have changed", stacklevel=2)
 # Loss types whose TRL options all reach fused_linear_grpo_loss.
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 # Inputs of TRL's multimodal models; a batch carrying any of them is not grouped.
