@@ -79,14 +79,17 @@ def _assert_same_run(stock, ours):
     assert worst <= 2e-6, f"parameters differ by up to {worst}"
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_training_equals_stock_trl(model_dir, tmp_path, monkeypatch, loss_type):
-    stock = _train(trl.GRPOTrainer, model_dir, tmp_path / "stock", loss_type=loss_type)
+# grpo with TRL's mask_truncated_completions: most completions hit max_completion_length, so most rows are
+# fully masked (kept in the grouped batch with one token, weight 0).
+@pytest.mark.parametrize("options", [dict(loss_type="grpo", mask_truncated_completions=True),
+                                     dict(loss_type="dapo")], ids=["grpo_mask_truncated", "dapo"])
+def test_training_equals_stock_trl(model_dir, tmp_path, monkeypatch, options):
+    stock = _train(trl.GRPOTrainer, model_dir, tmp_path / "stock", **options)
     fused = _counted(monkeypatch, "fused_linear_grpo_loss")
     scored = _counted(monkeypatch, "selective_logprobs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ours = _train(pftrl.GRPOTrainer, model_dir, tmp_path / "ours", loss_type=loss_type)
+        ours = _train(pftrl.GRPOTrainer, model_dir, tmp_path / "ours", **options)
     assert not [w for w in caught if "pyfastrl GRPOTrainer" in str(w.message)]
     trainer, steps, _ = ours
     assert trainer.model.config._attn_implementation == "pyfastrl_prefix"
