@@ -90,19 +90,23 @@ def trl_trainers(model, runner: harness.Runner, group: int, suffix: int) -> dict
         from pyfastrl.trainer import default_task
     except ImportError as error:
         return f"needs trl (pip install -e '.[trl]'): {error}"
-    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", bf16=False, per_device_train_batch_size=group,
-                          num_generations=group, max_completion_length=suffix, loss_type="dapo", beta=0.0,
-                          gradient_checkpointing=False)
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", bf16=False,
+                          per_device_train_batch_size=group, num_generations=group, max_completion_length=suffix,
+                          loss_type="dapo", beta=0.0, gradient_checkpointing=False)
     trainers = {}
     for label, trainer_class in (("trl", trl.GRPOTrainer), ("trl+pyfastrl", pftrl.GRPOTrainer)):
         policy = copy.deepcopy(model)
         policy.set_attn_implementation("sdpa")  # stock TRL's; the drop-in switches its copy to pyfastrl_prefix
-        trainer = trainer_class(model=policy, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        trainer = trainer_class(model=policy, reward_funcs=_no_reward,
                                 args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * group),
                                 processing_class=default_task.build_tokenizer())
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is not run here
         trainers[label] = trainer
     return trainers
+
+
+def _no_reward(completions, **_):  # the step is timed on given advantages; no rollout is scored
+    return [0.0] * len(completions)
 
 
 def trl_inputs(prompt, completions, advantages) -> dict:

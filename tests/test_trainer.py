@@ -164,7 +164,8 @@ def test_config_names_and_defaults_are_trls():
     num_train_epochs, which this trainer does not have), and TRL's True/False spellings of scale_rewards."""
     trl = pytest.importorskip("trl")
     theirs = {f.name: f for f in dataclasses.fields(trl.GRPOConfig)}
-    shared = [f for f in dataclasses.fields(GRPOConfig) if f.name in theirs and f.name not in ("output_dir", "max_steps")]
+    shared = [f for f in dataclasses.fields(GRPOConfig)
+              if f.name in theirs and f.name not in ("output_dir", "max_steps")]
     assert {"use_bias_correction_kl", "epsilon_high", "scale_rewards", "max_completion_length", "loss_type",
             "beta", "seed", "lr_scheduler_type"} <= {f.name for f in shared}
     for ours in shared:

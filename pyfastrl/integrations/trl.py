@@ -135,8 +135,7 @@ class _Grouping:
 def _group_rows(prompt_ids, prompt_mask, completion_ids, completion_mask) -> _Grouping | str:
     """Group TRL's left-padded prompts ``(B, P)`` and right-padded completions ``(B, T)`` by identical prompt;
     a string says why they cannot be. One host synchronisation (the lengths and group labels)."""
-    rows, prompt_width = prompt_ids.shape
-    width = completion_ids.shape[1]
+    prompt_width, width = prompt_ids.shape[1], completion_ids.shape[1]
     if prompt_width == 0 or width == 0:
         return "the batch has no prompt or no completion columns"
     device = prompt_ids.device
@@ -167,7 +166,7 @@ def _group_rows(prompt_ids, prompt_mask, completion_ids, completion_mask) -> _Gr
             size = lengths[row]
             source.append(row * full_width + prompt_width + torch.arange(size))
             # Token j of a completion is predicted at its position j-1; token 0 at the prompt's end.
-            logit_index.append(torch.cat([torch.tensor([last_prompt_position]), torch.arange(cursor, cursor + size - 1)]))
+            logit_index += [torch.tensor([last_prompt_position]), torch.arange(cursor, cursor + size - 1)]
             token_index.append(row * width + torch.arange(size))
             cursor += size
             order.append(row)
