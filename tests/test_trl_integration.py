@@ -8,7 +8,7 @@ import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402  (requirements-cpu.txt pins it)
 from datasets import Dataset  # noqa: E402
 
 from pyfastrl.integrations import trl as pftrl  # noqa: E402
