@@ -33,6 +33,8 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "transformers>=4.56"],
         "train": ["transformers>=4.56", "matplotlib"],
+        # pyfastrl.integrations.trl subclasses TRL's GRPOTrainer internals: the range it is tested with.
+        "trl": ["trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["pyfastrl=pyfastrl.cli:main"]},
 )

@@ -8,6 +8,9 @@ vocab 151,936), randomly initialised, bf16, one prompt of P in {1024, 4096} toke
 completion positions) under a policy-gradient loss:
   repeated   the baseline: every completion with its own prompt copy, transformers' SDPA attention
   grouped    the prefix-grouped batch (each prompt once), "pyfastrl_prefix" attention (Triton)
+  trl        stock ``trl.GRPOTrainer``'s loss step (its padded batch, its chunked LM head), dapo, beta 0
+  trl+pyfastrl  the same step through ``pyfastrl.integrations.trl.GRPOTrainer`` (grouped batch, fused loss)
+               (both GPU only, and only with trl installed; skipped with the reason otherwise)
 with the token-ratio bound G(P+S)/(P+GS) on the speedup. Useful work, the same for both: 6 FLOPs
 per non-embedding parameter per grouped token, the grouped rule's attention (4*D*Hq per pair and
 layer, 3.5x with backward) and the LM head on completion positions (6*H*V per completion token);
@@ -71,6 +74,50 @@ def build_model(runner: harness.Runner):
     return model.to(runner.device).train(), shape
 
 
+def trl_trainers(model, runner: harness.Runner, group: int, suffix: int) -> dict | str:
+    """``{"trl": stock trainer, "trl+pyfastrl": drop-in}``, each around its own copy of ``model`` (TRL and the
+    drop-in patch the model's forward), dapo with beta 0 (no reference model); or why they cannot run."""
+    if runner.cpu:
+        return "GPU only (a TRL trainer around the 0.5B model)"
+    try:
+        import copy
+        import tempfile
+
+        import trl
+        from datasets import Dataset
+
+        from pyfastrl.integrations import trl as pftrl
+        from pyfastrl.trainer import default_task
+    except ImportError as error:
+        return f"needs trl (pip install -e '.[trl]'): {error}"
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", bf16=False,
+                          per_device_train_batch_size=group, num_generations=group, max_completion_length=suffix,
+                          loss_type="dapo", beta=0.0, gradient_checkpointing=False)
+    trainers = {}
+    for label, trainer_class in (("trl", trl.GRPOTrainer), ("trl+pyfastrl", pftrl.GRPOTrainer)):
+        policy = copy.deepcopy(model)
+        policy.set_attn_implementation("sdpa")  # stock TRL's; the drop-in switches its copy to pyfastrl_prefix
+        trainer = trainer_class(model=policy, reward_funcs=_no_reward,
+                                args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * group),
+                                processing_class=default_task.build_tokenizer())
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is not run here
+        trainers[label] = trainer
+    return trainers
+
+
+def _no_reward(completions, **_):  # the step is timed on given advantages; no rollout is scored
+    return [0.0] * len(completions)
+
+
+def trl_inputs(prompt, completions, advantages) -> dict:
+    """The batch TRL's ``_generate_and_score_completions`` hands to its loss: one row per completion."""
+    completion_ids = torch.stack(completions)
+    return {"prompt_ids": prompt[None].expand(len(completions), -1).contiguous(),
+            "prompt_mask": torch.ones(len(completions), prompt.numel(), dtype=torch.long, device=prompt.device),
+            "completion_ids": completion_ids, "completion_mask": torch.ones_like(completion_ids),
+            "advantages": advantages, "num_items_in_batch": torch.tensor(completion_ids.numel(), device=prompt.device)}
+
+
 def run(runner: harness.Runner):
     model, shape = build_model(runner)
     vocab = shape["vocab_size"]
@@ -85,7 +132,9 @@ def run(runner: harness.Runner):
             completions = [[torch.randint(0, vocab, (suffix,), generator=g) for _ in range(group)]]
             advantages = torch.randn(group, generator=g).to(runner.device)
             return {"repeated": (pft.build_repeated_batch(prompts, completions, device=runner.device), advantages),
-                    "grouped": (pft.build_grouped_batch(prompts, completions, device=runner.device), advantages)}
+                    "grouped": (pft.build_grouped_batch(prompts, completions, device=runner.device), advantages),
+                    "trl": trl_inputs(prompts[0].to(runner.device), [c.to(runner.device) for c in completions[0]],
+                                      advantages)}
 
         sets = runner.input_sets(make)
         case = {"params": {"P": prefix, "S": suffix, "G": group},
@@ -104,6 +153,19 @@ def run(runner: harness.Runner):
 
             case["methods"][label] = {"fwd_bwd": runner.measure(step, [(s,) for s in sets], flops=flops, nbytes=nbytes)}
         model.zero_grad(set_to_none=True)
+        trainers = harness.measure_or_record_failure(lambda: trl_trainers(model, runner, group, suffix))
+        if not isinstance(trainers, dict) or "error" in trainers:
+            reason = trainers if isinstance(trainers, str) else trainers["error"]
+            case["skipped"].update({"trl": reason, "trl+pyfastrl": reason})
+            trainers = {}
+        for label, trainer in trainers.items():
+            def trl_step(inputs, trainer=trainer):
+                trainer.model.zero_grad(set_to_none=True)
+                trainer.compute_loss(trainer.model, inputs["trl"]).backward()
+
+            case["methods"][label] = {"fwd_bwd": runner.measure(trl_step, [(s,) for s in sets], flops=flops,
+                                                                nbytes=nbytes)}
+        del trainers
         cases.append(case)
     model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
     config = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **shape}

@@ -19,7 +19,7 @@ def _trainer(tmp_path, model=None, rewards=default_task.letter_reward, dataset=N
     tokenizer = default_task.build_tokenizer()
     options = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8,
                    gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, progress=False,
-                   plot=False, backend="torch")
+                   plot=False, backend="torch", seed=0, lr_scheduler_type="constant", logging_steps=1, save_steps=0)
     config = default_task.default_config(**{**options, **overrides})
     model = default_task.build_model(tokenizer) if model is None else model
     return GRPOTrainer(model, rewards, dataset or default_task.build_dataset(64), config, tokenizer)
@@ -27,7 +27,9 @@ def _trainer(tmp_path, model=None, rewards=default_task.letter_reward, dataset=N
 
 def test_default_command_trains_and_writes_metrics_plot_and_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["train", "--output-dir", str(out), "--max-steps", "4"]) == 0
+    (tmp_path / "every-step.toml").write_text("logging_steps = 1\n")
+    every_step = ["--config", str(tmp_path / "every-step.toml")]
+    assert main(["train", "--output-dir", str(out), "--max-steps", "4", *every_step]) == 0
     text = capsys.readouterr().out
     assert "mean reward: first" in text and "tokens through the model" in text and "x fewer" in text
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -38,7 +40,7 @@ def test_default_command_trains_and_writes_metrics_plot_and_checkpoint(tmp_path,
     assert (out / "metrics.png").stat().st_size > 1000
     assert (out / "checkpoint-4" / "trainer_state.pt").is_file()
     # Nothing already written is overwritten: the same output directory is refused without --resume.
-    assert main(["train", "--output-dir", str(out), "--max-steps", "4"]) == 2
+    assert main(["train", "--output-dir", str(out), "--max-steps", "4", *every_step]) == 2
     assert "already holds a run" in capsys.readouterr().err
 
 
@@ -143,6 +145,11 @@ def test_bad_configs_and_datasets(tmp_path):
     (tmp_path / "c.toml").write_text("learning_rat = 1.0\n")
     with pytest.raises(ValueError, match="unknown option\\(s\\) learning_rat"):
         load_config_file(str(tmp_path / "c.toml"))
+    (tmp_path / "old.toml").write_text("eps_low = 0.2\neps_high = 0.28\n")
+    with pytest.raises(ValueError, match="'eps_high' is now 'epsilon_high' .*'eps_low' is now 'epsilon'"):
+        load_config_file(str(tmp_path / "old.toml"))
+    with pytest.raises(ValueError, match="use_bias_correction_kl must be True or False"):
+        GRPOConfig(use_bias_correction_kl="k3")
     (tmp_path / "c.yaml").write_text("learning_rate: 0.5\nmax_steps: 7\n")
     assert load_config_file(str(tmp_path / "c.yaml")) == {"learning_rate": 0.5, "max_steps": 7}
     from pyfastrl.trainer.command import _load_model
@@ -152,6 +159,22 @@ def test_bad_configs_and_datasets(tmp_path):
         _load_model(str(tmp_path / "m"), torch.device("cpu"))
 
 
+def test_config_names_and_defaults_are_trls():
+    """Every option GRPOConfig shares with TRL 1.16's has TRL's default (max_steps aside: TRL's -1 trains
+    num_train_epochs, which this trainer does not have), and TRL's True/False spellings of scale_rewards."""
+    import trl
+
+    theirs = {f.name: f for f in dataclasses.fields(trl.GRPOConfig)}
+    shared = [f for f in dataclasses.fields(GRPOConfig)
+              if f.name in theirs and f.name not in ("output_dir", "max_steps")]
+    assert {"use_bias_correction_kl", "epsilon_high", "scale_rewards", "max_completion_length", "loss_type",
+            "beta", "seed", "lr_scheduler_type"} <= {f.name for f in shared}
+    for ours in shared:
+        assert ours.default == theirs[ours.name].default, ours.name
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group"
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+
+
 def test_local_model_and_dataset_from_the_command_line(tmp_path, capsys):
     tokenizer = default_task.build_tokenizer()
     default_task.build_model(tokenizer).save_pretrained(tmp_path / "model")
@@ -159,7 +182,7 @@ def test_local_model_and_dataset_from_the_command_line(tmp_path, capsys):
     rows = [{"prompt": f"Say {c}:", "answer": c} for c in "abcdabcd"]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "config.toml").write_text("max_steps = 2\nper_device_train_batch_size = 8\nnum_generations = 4\n"
-                                          "max_completion_length = 4\nplot = false\n")
+                                          "max_completion_length = 4\nplot = false\nlogging_steps = 1\n")
     code = main(["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.jsonl"),
                  "--reward", "contains", "--config", str(tmp_path / "config.toml"),
                  "--output-dir", str(tmp_path / "out")])
@@ -175,7 +198,7 @@ def _torchrun(output_dir, *flags):
     import sys
 
     config = output_dir.parent / f"{output_dir.name}.toml"
-    config.write_text("save_steps = 1\nprogress = false\nplot = false\n")
+    config.write_text("save_steps = 1\nlogging_steps = 1\nprogress = false\nplot = false\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pyfastrl.cli", "train",
                "--output-dir", str(output_dir), "--max-steps", "3", "--config", str(config), "--device", "cpu", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},

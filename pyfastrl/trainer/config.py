@@ -1,5 +1,6 @@
-"""``GRPOConfig``: every option of the thin trainer. Names follow TRL's ``GRPOConfig`` where the two
-overlap (the semantics too); the rest are ours and say so."""
+"""``GRPOConfig``: every option of the thin trainer. Where TRL 1.16's ``GRPOConfig`` has the option,
+the name, the default and the meaning are TRL's (except ``max_steps``: TRL's default -1 trains for
+``num_train_epochs``, which this trainer does not have); the rest are ours and say so."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,9 @@ DISTRIBUTED = ("ddp", "fsdp")
 # Options that may differ between a checkpoint and the run resuming from it (they do not change the
 # optimisation already done).
 RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress", "distributed")
+# Names an options file may still use (the GRPO ops' former argument names) -> TRL's name, for the error.
+RENAMED_OPTIONS = {"eps_low": "epsilon", "eps_high": "epsilon_high", "scale": "scale_rewards",
+                   "kl_estimator": "use_bias_correction_kl"}
 
 
 @dataclass
@@ -30,35 +34,36 @@ class GRPOConfig:
     """
 
     output_dir: str = "pyfastrl-output"
-    seed: int = 0
-    max_steps: int = 60
+    seed: int = 42
+    max_steps: int = 60  # ours: TRL's -1 means "train num_train_epochs", which this trainer has no notion of
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "constant"
+    lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
-    per_device_train_batch_size: int = 16
+    per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_generations: int = 8
     num_iterations: int = 1
-    max_prompt_length: int | None = 512
-    max_completion_length: int = 64
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.0
     epsilon: float = 0.2
-    epsilon_high: float | None = None
+    epsilon_high: float | None = None  # None: epsilon
     delta: float | None = None
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
-    scale_rewards: str = "group"
+    use_bias_correction_kl: bool = True  # the KL term (beta > 0) times the importance ratio, as TRL
+    scale_rewards: str = "group"  # also True ("group") / False ("none"), as TRL
     reward_weights: list[float] | None = None
-    logging_steps: int = 1
-    save_steps: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500  # and always the last step
     # Ours:
+    max_prompt_length: int | None = 512  # keep the prompt's last tokens (TRL 1.16 has no such option)
     use_prefix_grouping: bool = True  # the prompt once per group (pyfastrl_prefix attention) vs repeated
     backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
     dtype: str = "float32"  # model dtype
@@ -68,6 +73,7 @@ class GRPOConfig:
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run
 
     def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         self.validate()
 
     @property
@@ -96,6 +102,8 @@ class GRPOConfig:
         for name in ("save_steps", "warmup_steps"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 fail(name, "must be an integer >= 0")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            fail("use_bias_correction_kl", "must be True or False")
         for name in ("learning_rate", "temperature", "adam_epsilon", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -147,6 +155,10 @@ def load_config_file(path: str) -> dict:
         raise ValueError(f"--config: cannot parse {path}: {error}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--config: {path} must hold a table of options, got {type(options).__name__}")
+    renamed = sorted(set(options) & set(RENAMED_OPTIONS))
+    if renamed:
+        raise ValueError("--config: " + "; ".join(f"option {old!r} is now {RENAMED_OPTIONS[old]!r} (TRL's name)"
+                                                   for old in renamed) + f" in {path}")
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
     unknown = sorted(set(options) - known)
     if unknown:

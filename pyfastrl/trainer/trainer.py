@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pyfastrl import fused_linear_grpo_loss, grpo_advantages, selective_logprobs
+from pyfastrl import grpo_advantages, selective_logprobs
 from pyfastrl.integrations import transformers as pft
+from pyfastrl.integrations._grpo_loss_shim import fused_linear_grpo_loss  # TEMP until grpo-parity merges
 from pyfastrl.trainer.config import GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -339,9 +340,9 @@ class GRPOTrainer:
         global_tokens = float(_all_reduce_sum(torch.tensor([completion_tokens], dtype=torch.float64))[0])
         options = dict(
             temperature=config.temperature, loss_type=config.loss_type,
-            importance_sampling_level=config.importance_sampling_level, eps_low=config.epsilon,
-            eps_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, delta=config.delta,
-            beta=config.beta, max_completion_length=config.max_completion_length,
+            importance_sampling_level=config.importance_sampling_level, epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high, delta=config.delta, beta=config.beta,
+            use_bias_correction_kl=config.use_bias_correction_kl, max_completion_length=config.max_completion_length,
             num_items_in_batch=global_tokens, backend=config.backend,
         )
         # DistributedDataParallel and FSDP2 average gradients over processes. dapo/cispo losses are
@@ -355,9 +356,9 @@ class GRPOTrainer:
             batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
             extra = {}
             if rollout.old_logprobs is not None:
-                extra["old_logprobs"] = rollout.old_logprobs[index]
+                extra["old_per_token_logps"] = rollout.old_logprobs[index]
             if rollout.ref_logprobs is not None:
-                extra["ref_logprobs"] = rollout.ref_logprobs[index]
+                extra["ref_per_token_logps"] = rollout.ref_logprobs[index]
             loss, metrics = self.policy_loss(batch, {**options, **extra,
                                                      "advantages": rollout.advantages[completions].to(self.device)})
             (loss * scale).backward()
