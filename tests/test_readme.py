@@ -22,7 +22,7 @@ def test_readme_api_example_runs():
     assert grpo["advantages"][2:].eq(0).all() and grpo["advantages"][:2].ne(0).all()
     assert grpo["hidden"].grad.shape == (4, 6, 32) and grpo["lm_head"].grad.abs().sum() > 0
     assert grpo["hidden"].grad[1, 4:].eq(0).all()  # masked tokens get no gradient
-    assert {"clip_ratio", "kl", "entropy"} <= set(grpo["metrics"])
+    assert {"clip_ratio/region_mean", "kl", "entropy"} <= set(grpo["metrics"])
     # On-policy (old = current log-probs): ratio 1, so dapo's loss is -sum(A * mask) / sum(mask).
     on_policy = -(grpo["advantages"][:, None] * grpo["mask"]).sum() / grpo["mask"].sum()
     assert abs(grpo["loss2"].item() - on_policy.item()) < 1e-6

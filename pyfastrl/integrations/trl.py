@@ -40,7 +40,7 @@ from packaging.version import Version
 from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from pyfastrl import PrefixGroupLayout, selective_logprobs
-from pyfastrl.integrations._grpo_loss_shim import fused_linear_grpo_loss
+from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from pyfastrl.integrations.transformers import (
     ATTN_IMPLEMENTATION,
     SUPPORTED_MODEL_TYPES,

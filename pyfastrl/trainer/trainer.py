@@ -36,7 +36,7 @@ import torch
 
 from pyfastrl import grpo_advantages, selective_logprobs
 from pyfastrl.integrations import transformers as pft
-from pyfastrl.integrations._grpo_loss_shim import fused_linear_grpo_loss  # TEMP until grpo-parity merges
+from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from pyfastrl.trainer.config import GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -322,7 +322,7 @@ class GRPOTrainer:
         per_function = self._rewards(rows, texts)
         rewards = per_function @ self.reward_weights
         advantages = grpo_advantages(rewards, group_size=self.config.num_generations,
-                                     scale=self.config.scale_rewards).to(torch.float32)
+                                     scale_rewards=self.config.scale_rewards).to(torch.float32)
         rollout = Rollout(rows, prompt_ids, completion_ids, texts, rewards, per_function, advantages, None, None)
         wanted = {"old_logprobs": self.policy if self.config.num_iterations > 1 else None,
                   "ref_logprobs": self.ref_policy}
@@ -345,11 +345,12 @@ class GRPOTrainer:
             use_bias_correction_kl=config.use_bias_correction_kl, max_completion_length=config.max_completion_length,
             num_items_in_batch=global_tokens, backend=config.backend,
         )
-        # DistributedDataParallel and FSDP2 average gradients over processes. dapo/cispo losses are
+        # DistributedDataParallel and FSDP2 average gradients over processes. dapo/cispo/vespo losses are
         # normalised by the global token count already, so they are scaled to make that average their
         # sum; the other loss types' per-micro-batch means are averaged over micro-batches and
         # processes (as TRL does).
-        scale = self.world_size if config.loss_type in ("dapo", "cispo") else 1.0 / config.gradient_accumulation_steps
+        globally_normalised = config.loss_type in ("dapo", "cispo", "vespo")
+        scale = self.world_size if globally_normalised else 1.0 / config.gradient_accumulation_steps
         self.model.train()
         sums = torch.zeros(6, dtype=torch.float64)  # loss, kl, clip_ratio, entropy (token-weighted), tokens x2
         for index, (prompts, completions) in enumerate(self._micro_batches(rollout)):
@@ -364,7 +365,7 @@ class GRPOTrainer:
             (loss * scale).backward()
             tokens = float(batch.completion_lens.sum())
             sums += torch.tensor([loss.item() * scale, float(metrics["kl"]) * tokens,
-                                  float(metrics["clip_ratio"]) * tokens, float(metrics["entropy"]) * tokens,
+                                  float(metrics["clip_ratio/region_mean"]) * tokens, float(metrics["entropy"]) * tokens,
                                   tokens, float(batch.input_ids.numel() if self.config.use_prefix_grouping
                                                 else batch.attention_mask.sum())], dtype=torch.float64)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
