@@ -8,6 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_readme_api_example_runs():
+    # ```python blocks run as written; ```py blocks are sketches that need the user's own model or data.
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
     results = []
