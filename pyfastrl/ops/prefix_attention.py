@@ -43,7 +43,7 @@ def _forward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _triton_kernels().forward(q, k, v, query_blocks, scale)
+        return _triton_kernels().forward(q, k, v, query_blocks, scale, 0.0, 0)
     return reference.forward(q, k, v, query_blocks, scale)
 
 
@@ -70,7 +70,7 @@ def _backward_op(
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
-        return _triton_kernels().backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale)
+        return _triton_kernels().backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale, 0.0, 0)
     return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale)
 
 
