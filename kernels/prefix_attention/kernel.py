@@ -146,10 +146,21 @@ def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
     return out, lse
 
 
-# Schedules derived from the layout's tables, cached on the table tensor (the layout keeps it alive
-# for as long as it is reused, layer after layer).
-_DKDV_SCHEDULES: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
-_POSITIONS: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+# Schedules derived from the layout's tables, cached per table tensor (the layout keeps its tables
+# alive for as long as it is reused, layer after layer): id(table) -> (weak ref, {key: schedule}).
+# Keyed by id, not by the tensor: tensors compare elementwise, which dict lookups cannot use.
+_SCHEDULES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _cached(table: torch.Tensor, key, build):
+    entry = _SCHEDULES.get(id(table))
+    if entry is None or entry[0]() is not table:
+        entry = (weakref.ref(table), {})
+        _SCHEDULES[id(table)] = entry
+        weakref.finalize(table, _SCHEDULES.pop, id(table), None)
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
 
 
 def _dkdv_schedule(dkdv_blocks: torch.Tensor, table_block: int, block_n: int, query_chunk: int):
@@ -159,10 +170,11 @@ def _dkdv_schedule(dkdv_blocks: torch.Tensor, table_block: int, block_n: int, qu
     (a tile's chunk rows are consecutive, in table order: most work first), and per key tile a reduce
     row ``[k_start, k_end, first chunk row, number of chunk rows]``. Tensor ops; one host sync (the
     number of chunk rows), once per table."""
-    key = (table_block, block_n, query_chunk)
-    cached = _DKDV_SCHEDULES.setdefault(dkdv_blocks, {})
-    if key in cached:
-        return cached[key]
+    return _cached(dkdv_blocks, ("dkdv", table_block, block_n, query_chunk),
+                   lambda: _build_dkdv_schedule(dkdv_blocks, table_block, block_n, query_chunk))
+
+
+def _build_dkdv_schedule(dkdv_blocks, table_block, block_n, query_chunk):
     blocks = dkdv_blocks.long()
     per_block = table_block // block_n
     sub = torch.arange(per_block, device=blocks.device).repeat(blocks.shape[0])
@@ -177,24 +189,23 @@ def _dkdv_schedule(dkdv_blocks: torch.Tensor, table_block: int, block_n: int, qu
     m_lo = k_start[tile] + (torch.arange(num_chunks, device=blocks.device) - first[tile]) * query_chunk
     chunks = torch.stack([k_start[tile], k_end[tile], m_lo, torch.minimum(m_lo + query_chunk, q_end[tile])], 1)
     reduce = torch.stack([k_start, k_end, first, counts], 1)
-    cached[key] = chunks.to(torch.int32).contiguous(), reduce.to(torch.int32).contiguous()
-    return cached[key]
+    return chunks.to(torch.int32).contiguous(), reduce.to(torch.int32).contiguous()
 
 
 def _path_positions(dq_blocks: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``(T,)`` int32 path position of every token, from a query-block table (row
     ``[q_start, q_end, causal_start, full_start, full_end]``: position = t - causal_start + prefix
     length). Tensor ops, no host sync; cached per table."""
-    positions = _POSITIONS.get(dq_blocks)
-    if positions is None:
-        q_start, q_end, causal_start, full_start, full_end = dq_blocks.long().unbind(1)
-        counts = q_end - q_start
-        row = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts,
-                                      output_size=num_tokens)
-        token = q_start[row] + torch.arange(num_tokens, device=counts.device) - (torch.cumsum(counts, 0) - counts)[row]
-        positions = torch.empty(num_tokens, dtype=torch.int32, device=counts.device)
-        positions[token] = (token - causal_start[row] + full_end[row] - full_start[row]).to(torch.int32)
-        _POSITIONS[dq_blocks] = positions
+    return _cached(dq_blocks, ("positions", num_tokens), lambda: _build_path_positions(dq_blocks, num_tokens))
+
+
+def _build_path_positions(dq_blocks, num_tokens):
+    q_start, q_end, causal_start, full_start, full_end = dq_blocks.long().unbind(1)
+    counts = q_end - q_start
+    row = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=num_tokens)
+    token = q_start[row] + torch.arange(num_tokens, device=counts.device) - (torch.cumsum(counts, 0) - counts)[row]
+    positions = torch.empty(num_tokens, dtype=torch.int32, device=counts.device)
+    positions[token] = (token - causal_start[row] + full_end[row] - full_start[row]).to(torch.int32)
     return positions
 
 
