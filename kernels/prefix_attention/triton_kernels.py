@@ -6,9 +6,10 @@ Conventions shared by every program:
   rows of a block table, ordered most work first, start most work first across all heads.
 * Scores are kept in the log2 domain: ``s2 = log2(e) * s`` where ``s = scale * q.k`` or, with
   soft-capping, ``s = c * tanh(scale * q.k / c)``; the forward saves the natural-log LSE.
-* Key tiles come in three runs per key range: masked tiles at the window's lower edge, unmasked
-  full tiles, and masked tiles at the end (the last prefix tile, the diagonal tiles). Only the
-  first and last runs evaluate the visibility mask.
+* One loop per program walks the key tiles of both key ranges (the group's prefix, then the own
+  segment); a uniform per-tile branch applies the visibility mask only to the tiles that need it:
+  window-edge tiles, the last prefix tile, the diagonal tiles. (Separate loops per run made the
+  compiler keep one copy of the loop-invariant dot operands per loop: 255 registers and spills.)
 * Path positions (the position a token has in its member's ``[prefix; suffix]`` sequence) of query
   row ``t`` and key ``j`` differ by ``t - j - shift`` with ``shift = suffix start - prefix end`` for a
   suffix row against its group's prefix keys and ``shift = 0`` within a segment; a key is in the
@@ -105,36 +106,36 @@ def _key_runs(PHASE: tl.constexpr, q_start, q_end, causal_start, full_start, ful
 
 
 @triton.jit
-def _visible(PHASE: tl.constexpr, offs_m, offs_n, hi, shift, window, WINDOWED: tl.constexpr):
-    """(rows x keys) visibility inside a masked tile: in range, causal (phase 1), in the window."""
-    keep = (offs_n < hi)[None, :]
-    if PHASE == 1:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])
-    if WINDOWED:
-        keep = keep & (offs_m[:, None] - offs_n[None, :] - shift < window)
-    return keep
+def _key_tile(i, q_start, q_end, causal_start, full_start, full_end, window,
+              WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Loop step ``i`` over the key tiles of phase 0 then phase 1 (see ``_key_runs``): the tile's
+    keys, its phase's ``hi``, ``shift`` and whether the tile needs the visibility mask."""
+    lo0, hi0, shift0, first0, last0, tiles0 = _key_runs(0, q_start, q_end, causal_start, full_start, full_end,
+                                                        window, WINDOWED, BLOCK_N)
+    lo1, hi1, shift1, first1, last1, _ = _key_runs(1, q_start, q_end, causal_start, full_start, full_end,
+                                                   window, WINDOWED, BLOCK_N)
+    own = i >= tiles0
+    j = tl.where(own, i - tiles0, i)
+    masked = (j < tl.where(own, first1, first0)) | (j >= tl.where(own, last1, last0))
+    offs_n = tl.where(own, lo1, lo0) + j * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, tl.where(own, hi1, hi0), tl.where(own, shift1, shift0), own, masked
 
 
 @triton.jit
-def _forward_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, d_valid,
-                   lo, hi, shift, window, t0, t1, score_in, score_out,
-                   PHASE: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                   MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    for i in range(t0, t1):
-        offs_n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid[None, :], MASK_D, MASKED)
-        s, _ = _scores(q, kt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)
-        if MASKED:
-            s = tl.where(_visible(PHASE, offs_m, offs_n, hi, shift, window, WINDOWED), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base + offs_n[:, None] * stride_vt, n_valid[:, None], d_valid[None, :], MASKED, MASK_D)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
-    return acc, m_i, l_i
+def _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window,
+                   WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    _, _, _, _, _, tiles0 = _key_runs(0, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+    _, _, _, _, _, tiles1 = _key_runs(1, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+    return tiles0 + tiles1
+
+
+@triton.jit
+def _visible(own, offs_m, offs_n, hi, shift, window, WINDOWED: tl.constexpr):
+    """(rows x keys) visibility inside a masked tile: in range, causal in the own segment, in the window."""
+    keep = (offs_n < hi)[None, :] & ((offs_n[None, :] <= offs_m[:, None]) | (own == 0))
+    if WINDOWED:
+        keep = keep & (offs_m[:, None] - offs_n[None, :] - shift < window)
+    return keep
 
 
 @triton.jit
@@ -150,6 +151,7 @@ def forward_kernel(
     q_start, q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_tile(
         BLOCKS, Q, stride_qt, stride_qh, head, SPLIT, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_M)
     if q_start < q_end:  # the table block may be shorter than SPLIT tiles
+        MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
         kv_head = head // REP
         k_base = K + kv_head * stride_kh + offs_d[:, None]
         v_base = V + kv_head * stride_vh + offs_d[None, :]
@@ -157,19 +159,22 @@ def forward_kernel(
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for phase in tl.static_range(2):
-            lo, hi, shift, first_full, last_full, num_tiles = _key_runs(
-                phase, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
-            args = (q, k_base, v_base, stride_kt, stride_vt, offs_m, d_valid, lo, hi, shift, window)
-            acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, *args, 0, first_full, score_in, score_out,
-                                           phase, True, WINDOWED, SOFTCAP, HEAD_DIM != BLOCK_D, BLOCK_N,
-                                           PRECISION, UPCAST)
-            acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, *args, first_full, last_full, score_in, score_out,
-                                           phase, False, WINDOWED, SOFTCAP, HEAD_DIM != BLOCK_D, BLOCK_N,
-                                           PRECISION, UPCAST)
-            acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, *args, last_full, num_tiles, score_in, score_out,
-                                           phase, True, WINDOWED, SOFTCAP, HEAD_DIM != BLOCK_D, BLOCK_N,
-                                           PRECISION, UPCAST)
+        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+        for i in range(num_tiles):
+            offs_n, hi, shift, own, masked = _key_tile(i, q_start, q_end, causal_start, full_start, full_end,
+                                                       window, WINDOWED, BLOCK_N)
+            n_valid = offs_n < hi
+            kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid[None, :], MASK_D, True)
+            s = _scores(q, kt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)[0]
+            if masked:
+                s = tl.where(_visible(own, offs_m, offs_n, hi, shift, window, WINDOWED), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load(v_base + offs_n[:, None] * stride_vt, n_valid[:, None], d_valid[None, :], True, MASK_D)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -191,27 +196,6 @@ def delta_kernel(
     do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * num_tokens + offs_m, delta, mask=offs_m < num_tokens)
-
-
-@triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, d_valid,
-              lo, hi, shift, window, t0, t1, score_in, score_out,
-              PHASE: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-              MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    for i in range(t0, t1):
-        offs_n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n[None, :] < hi
-        kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid, MASK_D, MASKED)
-        vt = _load(v_base + offs_n[None, :] * stride_vt, d_valid[:, None], n_valid, MASK_D, MASKED)
-        s, t = _scores(q, kt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)
-        p = tl.exp2(s - lse2[:, None])
-        if MASKED:
-            p = tl.where(_visible(PHASE, offs_m, offs_n, hi, shift, window, WINDOWED), p, 0.0)
-        ds = p * (dot(do, vt, PRECISION, UPCAST) - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
-    return dq
 
 
 @triton.jit
@@ -237,60 +221,24 @@ def dq_kernel(
         k_base = K + kv_head * stride_kh + offs_d[:, None]
         v_base = V + kv_head * stride_vh + offs_d[:, None]
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for phase in tl.static_range(2):
-            lo, hi, shift, first_full, last_full, num_tiles = _key_runs(
-                phase, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
-            args = (q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, d_valid, lo, hi, shift, window)
-            dq = _dq_tiles(dq, *args, 0, first_full, score_in, score_out, phase, True, WINDOWED, SOFTCAP,
-                           HEAD_DIM != BLOCK_D, BLOCK_N, PRECISION, UPCAST)
-            dq = _dq_tiles(dq, *args, first_full, last_full, score_in, score_out, phase, False, WINDOWED, SOFTCAP,
-                           HEAD_DIM != BLOCK_D, BLOCK_N, PRECISION, UPCAST)
-            dq = _dq_tiles(dq, *args, last_full, num_tiles, score_in, score_out, phase, True, WINDOWED, SOFTCAP,
-                           HEAD_DIM != BLOCK_D, BLOCK_N, PRECISION, UPCAST)
+        MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+        for i in range(num_tiles):
+            offs_n, hi, shift, own, masked = _key_tile(i, q_start, q_end, causal_start, full_start, full_end,
+                                                       window, WINDOWED, BLOCK_N)
+            n_valid = offs_n[None, :] < hi
+            kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid, MASK_D, True)
+            vt = _load(v_base + offs_n[None, :] * stride_vt, d_valid[:, None], n_valid, MASK_D, True)
+            s, t = _scores(q, kt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)
+            p = tl.exp2(s - lse2[:, None])
+            if masked:
+                p = tl.where(_visible(own, offs_m, offs_n, hi, shift, window, WINDOWED), p, 0.0)
+            ds = p * (dot(do, vt, PRECISION, UPCAST) - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq += dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
         tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
-
-
-@triton.jit
-def _dkdv_tiles(dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, POS, head, stride_qt, stride_qh, stride_dot, stride_doh,
-                num_tokens, offs_n, offs_d, d_valid, m_lo, m_hi, window, t0, t1, score_in, score_out,
-                MASKED: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Transposed tiles (keys x queries) so that every dot has the key block's rows as its M."""
-    for i in range(t0, t1):
-        offs_m = m_lo + i * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < m_hi
-        if WINDOWED:
-            pos_q = tl.load(POS + offs_m, mask=m_valid, other=-1)  # -1: before every key, never visible
-            dist = pos_q[None, :] - pos_k[:, None]
-            keep = (dist >= 0) & (dist < window)
-            todo = tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0
-        else:
-            todo = True
-        if todo:  # with a window, whole query tiles outside it are skipped
-            qt = _load(Q + offs_m[None, :] * stride_qt + head * stride_qh + offs_d[:, None], m_valid[None, :],
-                       d_valid[:, None], MASKED, MASK_D)
-            do = _load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], m_valid[:, None],
-                       d_valid[None, :], MASKED, MASK_D)
-            if MASKED:
-                lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * LOG2E
-                delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
-            else:
-                lse2 = tl.load(LSE + head * num_tokens + offs_m) * LOG2E
-                delta = tl.load(DELTA + head * num_tokens + offs_m)
-            st, t = _scores(k, qt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)
-            pt = tl.exp2(st - lse2[None, :])
-            if MASKED:
-                if WINDOWED:
-                    pt = tl.where(keep, pt, 0.0)
-                else:
-                    pt = tl.where(m_valid[None, :] & (offs_m[None, :] >= offs_n[:, None]), pt, 0.0)
-            dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-            dst = pt * (dot(v, tl.trans(do), PRECISION, UPCAST) - delta[None, :])
-            if SOFTCAP:
-                dst = dst * (1.0 - t * t)
-            dk += dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
-    return dk, dv
 
 
 @triton.jit
@@ -324,24 +272,42 @@ def dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     num_tiles = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M
-    args = (Q, DO, LSE, DELTA, POS, head, stride_qt, stride_qh, stride_dot, stride_doh, num_tokens,
-            offs_n, offs_d, d_valid, m_lo, m_hi, window)
+    # Without a window, query tiles starting before the key tile's last key hold the diagonal;
+    # after them every tile but a partial last one sees the whole key tile.
+    first_full = tl.minimum(tl.maximum(k_end - 1 - m_lo + BLOCK_M - 1, 0) // BLOCK_M, num_tiles)
+    last_full = tl.maximum(first_full, (m_hi - m_lo) // BLOCK_M)
     if WINDOWED:
         # Path positions decide visibility (members' suffixes follow each other in the query range).
         pos_k = tl.load(POS + offs_n, mask=n_valid, other=0)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, pos_k, *args, 0, num_tiles, score_in, score_out,
-                             True, True, SOFTCAP, MASK_D, BLOCK_M, PRECISION, UPCAST)
-    else:
-        # Query tiles starting before the block's last key hold the diagonal; after them every tile
-        # but a partial last one sees the whole key block.
-        first_full = tl.minimum(tl.maximum(k_end - 1 - m_lo + BLOCK_M - 1, 0) // BLOCK_M, num_tiles)
-        last_full = tl.maximum(first_full, (m_hi - m_lo) // BLOCK_M)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, *args, 0, first_full, score_in, score_out,
-                             True, False, SOFTCAP, MASK_D, BLOCK_M, PRECISION, UPCAST)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, *args, first_full, last_full, score_in, score_out,
-                             False, False, SOFTCAP, MASK_D, BLOCK_M, PRECISION, UPCAST)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, *args, last_full, num_tiles, score_in, score_out,
-                             True, False, SOFTCAP, MASK_D, BLOCK_M, PRECISION, UPCAST)
+    # Tiles are transposed (keys x queries) so that every dot has the key tile's rows as its M.
+    for i in range(num_tiles):
+        offs_m = m_lo + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < m_hi
+        qt = _load(Q + offs_m[None, :] * stride_qt + head * stride_qh + offs_d[:, None], m_valid[None, :],
+                   d_valid[:, None], True, MASK_D)
+        do = _load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], m_valid[:, None],
+                   d_valid[None, :], True, MASK_D)
+        lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * LOG2E
+        delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
+        if WINDOWED:
+            pos_q = tl.load(POS + offs_m, mask=m_valid, other=-1)  # -1: before every key, never visible
+            dist = pos_q[None, :] - pos_k[:, None]
+            keep = (dist >= 0) & (dist < window)
+            todo = tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0
+        else:
+            todo = True
+        if todo:  # with a window, the compute of query tiles outside it is skipped
+            st, t = _scores(k, qt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)
+            pt = tl.exp2(st - lse2[None, :])
+            if WINDOWED:
+                pt = tl.where(keep, pt, 0.0)
+            elif (i < first_full) | (i >= last_full):
+                pt = tl.where(m_valid[None, :] & (offs_m[None, :] >= offs_n[:, None]), pt, 0.0)
+            dv += dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dst = pt * (dot(v, tl.trans(do), PRECISION, UPCAST) - delta[None, :])
+            if SOFTCAP:
+                dst = dst * (1.0 - t * t)
+            dk += dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
     part = (pid_row * NUM_HEADS + head) * (BLOCK_N * BLOCK_D) + tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + offs_d[None, :]
     tl.store(PART_DK + part, dk)
     tl.store(PART_DV + part, dv)
