@@ -305,6 +305,17 @@ def test_triton_kernel_rejects_bad_softcap_and_window(softcap, window, match):
         prefix_kernel.forward(q, k, v, layout.query_blocks(16), 0.25, softcap, window)
 
 
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+def test_triton_fp32_without_spill_free_tiles_is_refused_with_the_way_out(target):
+    """GPU tables hold fp32 (3-pass TF32) entries only where every kernel compiles without spills;
+    elsewhere the kernels refuse fp32 before launching anything, naming backend='torch'."""
+    layout = PrefixGroupLayout([3], [[2]], device=DEVICE)
+    q, k, v = make_inputs(layout, 2, 1, 256, torch.float32)
+    with gpu_tiles(target), pytest.raises(TypeError, match="backend='torch'"):
+        prefix_kernel.forward(q, k, v, layout.query_blocks(128), 0.25, 0.0, 0)
+    assert prefix_kernel.unsupported_reason(torch.bfloat16, 256, q.device) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

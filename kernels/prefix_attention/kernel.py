@@ -22,8 +22,9 @@ prompt tokens ``0..P-1``, completion tokens ``P + index``. The forward and dQ sk
 every row's window and mask only the window-edge tiles; dK/dV skip query tiles with no visible pair.
 
 Dots run on tensor cores: fp16/bf16 directly, fp32 as 3-pass TF32 (``tf32x3``: hi/lo split, about
-fp32 accuracy). Accumulation is fp32. Head dims: multiples of 16 up to 256 (non powers of two are
-masked up to the next one).
+fp32 accuracy). fp32 is offered only where the tile table has spill-free tf32x3 tiles for every
+kernel; elsewhere ``unsupported_reason`` says so and the entry points raise. Accumulation is fp32.
+Head dims: multiples of 16 up to 256 (non powers of two are masked up to the next one).
 
 Tiles: ``pyfastrl.kernels.launch_target.tile_target(device)`` picks the table (``"interpreter"``,
 ``"sm80"``, ``"sm90"``). The layout's block tables use ``block_sizes``; each kernel splits a table
@@ -52,30 +53,28 @@ _QUERY_CHUNK = {"interpreter": 32, "sm80": 4096, "sm90": 4096}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per target, kernel, padded head dim (64 covers <= 64)
 # and whether the inputs are fp32 (tf32x3 dots). Forward/dQ: M query rows, N keys per loop tile;
-# dK/dV: N keys per program, M queries per loop tile.
+# dK/dV: N keys per program, M queries per loop tile. Each entry is the first candidate, in order
+# of preference (bigger tiles, more stages), that compiles for its architecture (sm_80 / sm_90a)
+# with and without soft-capping and windows: no register spill, shared memory within 163 / 227 KB,
+# every dot on tensor cores (wgmma on sm_90a for bf16/fp16). fp32 has entries only where some
+# candidate down to 16 x 16 tiles compiled without spills. To be re-ranked by timing on GPUs.
 _INTERPRETER_TILES = (16, 16, 1, 1)
 _GPU_TILES = {
     "sm80": {
         ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
         ("forward", 256, False): (64, 64, 8, 2),
         ("dq", 64, False): (64, 64, 4, 3), ("dq", 128, False): (64, 64, 8, 3), ("dq", 256, False): (64, 32, 8, 2),
-        ("dkdv", 64, False): (64, 64, 4, 3), ("dkdv", 128, False): (64, 64, 8, 3),
+        ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
         ("dkdv", 256, False): (32, 64, 8, 2),
-        ("forward", 64, True): (64, 64, 8, 2), ("forward", 128, True): (64, 32, 8, 2),
-        ("forward", 256, True): (32, 32, 8, 1),
-        ("dq", 64, True): (64, 32, 8, 2), ("dq", 128, True): (32, 32, 8, 2), ("dq", 256, True): (32, 16, 8, 1),
-        ("dkdv", 64, True): (32, 64, 8, 2), ("dkdv", 128, True): (32, 32, 8, 2), ("dkdv", 256, True): (16, 32, 8, 1),
+        ("forward", 64, True): (64, 32, 4, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
     },
     "sm90": {
-        ("forward", 64, False): (128, 64, 4, 3), ("forward", 128, False): (128, 64, 8, 3),
-        ("forward", 256, False): (64, 64, 4, 2),
-        ("dq", 64, False): (64, 64, 4, 3), ("dq", 128, False): (64, 64, 4, 3), ("dq", 256, False): (64, 64, 8, 2),
-        ("dkdv", 64, False): (64, 64, 4, 3), ("dkdv", 128, False): (64, 64, 4, 3),
+        ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
+        ("forward", 256, False): (64, 64, 8, 2),
+        ("dq", 64, False): (64, 64, 4, 3), ("dq", 128, False): (64, 64, 8, 3), ("dq", 256, False): (64, 32, 8, 2),
+        ("dkdv", 64, False): (64, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
         ("dkdv", 256, False): (32, 64, 8, 2),
-        ("forward", 64, True): (64, 64, 4, 2), ("forward", 128, True): (64, 64, 8, 2),
-        ("forward", 256, True): (64, 32, 8, 1),
-        ("dq", 64, True): (64, 64, 8, 2), ("dq", 128, True): (64, 32, 8, 2), ("dq", 256, True): (64, 32, 8, 1),
-        ("dkdv", 64, True): (32, 64, 4, 2), ("dkdv", 128, True): (32, 64, 8, 2), ("dkdv", 256, True): (16, 64, 8, 1),
+        ("forward", 64, True): (64, 64, 8, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
     },
 }
 
@@ -94,15 +93,37 @@ def block_sizes(head_dim: int, device=None) -> tuple[int, int, int]:
     return _TABLE_BLOCKS[_target(device)]
 
 
-def _tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype):
-    if target == "interpreter":
-        return _INTERPRETER_TILES
+def unsupported_reason(dtype: torch.dtype, head_dim: int, device) -> str | None:
+    """Why these kernels refuse ``dtype`` at ``head_dim`` on ``device``, or None. fp32 runs where
+    the tile table has a spill-free 3-pass-TF32 entry for every kernel (see ``_GPU_TILES``)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"backend 'triton' supports {SUPPORTED_DTYPES}, got {dtype}; use backend='torch'"
+    target = _target(device)
+    if target == "interpreter" or dtype != torch.float32:
+        return None
     padded = max(64, triton.next_power_of_2(head_dim))
-    return _GPU_TILES[target][(kernel, padded, dtype == torch.float32)]
+    if all((kernel, padded, True) in _GPU_TILES[target] for kernel in ("forward", "dq", "dkdv")):
+        return None
+    return (
+        f"backend 'triton' has no fp32 kernels for head dim {head_dim} on {target} (3-pass TF32 tiles "
+        "would spill registers); use backend='torch' for fp32, or fp16/bf16 inputs"
+    )
+
+
+def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+    if target == "interpreter":
+        block_m, block_n, num_warps, num_stages = _INTERPRETER_TILES
+    else:
+        padded = max(64, triton.next_power_of_2(head_dim))
+        block_m, block_n, num_warps, num_stages = _GPU_TILES[target][(kernel, padded, dtype == torch.float32)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, softcap: float, window: int, scale: float):
     head_dim = q.shape[2]
+    reason = unsupported_reason(q.dtype, head_dim, q.device)
+    if reason is not None:
+        raise TypeError(reason)
     if not softcap >= 0.0:
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
     if window < 0:
@@ -120,11 +141,6 @@ def _common(q: torch.Tensor, k: torch.Tensor, softcap: float, window: int, scale
         UPCAST=INTERPRETED,
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
     ), (score_in, score_out, int(window))
-
-
-def _launch_tiles(target, kernel, head_dim, dtype):
-    block_m, block_n, num_warps, num_stages = _tiles(target, kernel, head_dim, dtype)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
