@@ -57,7 +57,10 @@ _QUERY_CHUNK = {"interpreter": 32, "sm80": 4096, "sm90": 4096}
 # of preference (bigger tiles, more stages), that compiles for its architecture (sm_80 / sm_90a)
 # with and without soft-capping and windows: no register spill, shared memory within 163 / 227 KB,
 # every dot on tensor cores (wgmma on sm_90a for bf16/fp16). fp32 has entries only where some
-# candidate down to 16 x 16 tiles compiled without spills. To be re-ranked by timing on GPUs.
+# candidate down to 16 x 16 tiles compiled without spills. An entry with a fourth key element
+# ("window" or "softcap") replaces the plain one when that option is on (looked up in that order):
+# the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV tiles.
+# To be re-ranked by timing on GPUs.
 _INTERPRETER_TILES = (16, 16, 1, 1)
 _GPU_TILES = {
     "sm80": {
@@ -67,6 +70,7 @@ _GPU_TILES = {
         ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 32, 4, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
+        ("dkdv", 256, False, "window"): (32, 32, 8, 2), ("dkdv", 256, False, "softcap"): (32, 32, 8, 2),
     },
     "sm90": {
         ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
@@ -75,6 +79,7 @@ _GPU_TILES = {
         ("dkdv", 64, False): (64, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 64, 8, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
+        ("dkdv", 256, False, "window"): (32, 32, 8, 2),  # mma.sync: every 64-key (wgmma) candidate spilled
     },
 }
 
@@ -110,12 +115,15 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, device) -> str | None:
     )
 
 
-def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
+def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict) -> dict:
     if target == "interpreter":
         block_m, block_n, num_warps, num_stages = _INTERPRETER_TILES
     else:
-        padded = max(64, triton.next_power_of_2(head_dim))
-        block_m, block_n, num_warps, num_stages = _GPU_TILES[target][(kernel, padded, dtype == torch.float32)]
+        table = _GPU_TILES[target]
+        key = (kernel, max(64, triton.next_power_of_2(head_dim)), dtype == torch.float32)
+        options = [name for name, on in (("window", consts["WINDOWED"]), ("softcap", consts["SOFTCAP"])) if on]
+        key = next((key + (name,) for name in options if key + (name,) in table), key)
+        block_m, block_n, num_warps, num_stages = table[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -150,7 +158,7 @@ def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
     num_tokens, num_heads, head_dim = q.shape
     target = _target(q.device)
     consts, (score_in, score_out, window) = _common(q, k, softcap, window, scale)
-    tiles = _launch_tiles(target, "forward", head_dim, q.dtype)
+    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts)
     split = _TABLE_BLOCKS[target][0] // tiles["BLOCK_M"]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
@@ -244,14 +252,14 @@ def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float, 
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tiles = _launch_tiles(target, "dq", head_dim, q.dtype)
+    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts)
     split = _TABLE_BLOCKS[target][1] // tiles["BLOCK_M"]
     tk.dq_kernel[(num_heads * dq_blocks.shape[0] * split,)](
         q, k, v, grad_out, lse, delta, dq, dq_blocks, *strides, dq.stride(0), dq.stride(1),
         num_tokens, scale, score_in, score_out, window, SPLIT=split, **tiles, **consts,
     )
 
-    tiles = _launch_tiles(target, "dkdv", head_dim, q.dtype)
+    tiles = _launch_tiles(target, "dkdv", head_dim, q.dtype, consts)
     chunks, reduce = _dkdv_schedule(dkdv_blocks, _TABLE_BLOCKS[target][2], tiles["BLOCK_N"], _QUERY_CHUNK[target])
     positions = _path_positions(dq_blocks, num_tokens) if window > 0 else dq_blocks  # unread without a window
     part_shape = (chunks.shape[0], num_heads, tiles["BLOCK_N"], block_d)
