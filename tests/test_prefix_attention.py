@@ -8,6 +8,8 @@ import torch
 from conftest import DEVICE
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 from pyfastrl._backend import BACKEND_ENV, resolve_backend
+from pyfastrl.kernels.launch_target import gpu_tiles
+from pyfastrl.kernels.prefix_attention import kernel as prefix_kernel
 from pyfastrl.kernels.prefix_attention.reference import repeated_prefix_attention
 from pyfastrl.ops.prefix_attention import _forward_op
 
@@ -194,6 +196,124 @@ def test_bad_input_raises_clear_error(case):
     _, (q, k, v, layout, kwargs), error, match = case
     with pytest.raises(error, match=match):
         prefix_grouped_attention(q, k, v, layout, **kwargs)
+
+
+def dense_reference(q, k, v, layout, scale, softcap=0.0, window=0):
+    """Float64 attention over the grouped batch's dense T x T visibility mask, written from the
+    path-position rules: a query sees a key of its own group that is a prompt key or of its own
+    completion, at a path position <= its own and (window W > 0) less than W back; scores
+    ``scale * q.k`` soft-capped to ``c * tanh(s / c)`` (c > 0). Returns ``(out, lse (Hq, T))``."""
+    group, member = [], []
+    for g, (prefix_len, suffix_lens) in enumerate(zip(layout.prefix_lens, layout.suffix_lens)):
+        group += [g] * prefix_len
+        member += [-1] * prefix_len
+        for length in suffix_lens:
+            group += [g] * length
+            member += [len(set(member))] * length  # a new id per completion (-1 already in the set)
+    group, member = torch.tensor(group), torch.tensor(member)
+    pos = layout.position_ids.cpu()
+    distance = pos[:, None] - pos[None, :]
+    visible = (group[:, None] == group[None, :]) & ((member[None, :] == -1) | (member[:, None] == member[None, :]))
+    visible &= distance >= 0
+    if window > 0:
+        visible &= distance < window
+    rep = q.shape[1] // k.shape[1]
+    scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("hts,shd->thd", torch.exp(scores - lse[..., None]), v.repeat_interleave(rep, 1))
+    return out, lse
+
+
+def kernel_and_grads(q, k, v, layout, grad_out, scale, softcap, window):
+    """The Triton entry points called as the op calls them, on the layout's block tables."""
+    block_fwd, block_dq, block_dkdv = prefix_kernel.block_sizes(q.shape[2], q.device)
+    out, lse = prefix_kernel.forward(q, k, v, layout.query_blocks(block_fwd), scale, softcap, window)
+    grads = prefix_kernel.backward(grad_out, q, k, v, out, lse, layout.query_blocks(block_dq),
+                                   layout.key_blocks(block_dkdv), scale, softcap, window)
+    return out, lse, grads
+
+
+def check_kernel_against_dense(layout, num_heads, num_kv_heads, head_dim, dtype, softcap, window, atol, rtol):
+    q, k, v = make_inputs(layout, num_heads, num_kv_heads, head_dim, dtype)
+    grad_out = torch.randn_like(q)
+    scale = 0.3 * head_dim**-0.5 if softcap == 0 else 3.0 * head_dim**-0.5  # softcap: scores reach the cap
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_out, want_lse = dense_reference(q64, k64, v64, layout, scale, softcap, window)
+    want = (want_out, *torch.autograd.grad(want_out, (q64, k64, v64), grad_out.double()))
+    with torch.no_grad():
+        out, lse, grads = kernel_and_grads(q, k, v, layout, grad_out, scale, softcap, window)
+    assert_close((out, *grads), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), want_lse, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "name, gqa, softcap, window",
+    [
+        ("ragged_many_groups", 2, 0.0, 4),  # window shorter than most prompts
+        ("ragged_many_groups", 4, 30.0, 1),  # every query sees only itself
+        ("ragged_many_groups", 1, 20.0, 0),
+        ("ragged_many_groups", 2, 50.0, 7),
+        ("multi_block", 2, 0.0, 21),  # window edge inside tiles, prefix keys split into query chunks
+        ("multi_block", 4, 25.0, 100),  # window longer than prompt + completion: no effect
+    ],
+)
+def test_triton_softcap_and_window_equal_dense_float64(name, gqa, softcap, window):
+    layout = PrefixGroupLayout(*LAYOUTS[name], device=DEVICE)
+    check_kernel_against_dense(layout, 4, 4 // gqa, 32, torch.float32, softcap, window, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_without_softcap_and_window_equals_dense_float64():
+    """The dense reference agrees with the repeated-prefix one (F_naive) when both are off."""
+    layout = PrefixGroupLayout(*LAYOUTS["ragged_many_groups"], device=DEVICE)
+    q, k, v = make_inputs(layout, 4, 2, 16, torch.float64)
+    torch.testing.assert_close(dense_reference(q, k, v, layout, 0.25)[0],
+                               repeated_prefix_attention(q, k, v, layout, 0.25))
+    check_kernel_against_dense(layout, 4, 2, 16, torch.float32, 0.0, 0, atol=1e-4, rtol=1e-4)
+
+
+# A layout spanning >= 2 GPU tiles in every dimension (query tiles of 64-128 rows, key tiles of
+# 32-64) with ragged groups; the kernels run the tile tables the GPUs would, under the interpreter.
+GPU_TILE_LAYOUT = ([150, 3], [[140, 70, 1], [130]])
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("dtype, softcap, window", [(torch.float32, 0.0, 0), (torch.float32, 30.0, 100),
+                                                     (torch.bfloat16, 0.0, 0)])
+def test_triton_gpu_tile_tables_equal_dense_float64(target, dtype, softcap, window):
+    layout = PrefixGroupLayout(*GPU_TILE_LAYOUT, device=DEVICE)
+    # bf16: P and dS are rounded to bf16 before their matmuls (as in FlashAttention).
+    atol = 1e-4 if dtype == torch.float32 else 3e-2
+    with gpu_tiles(target):
+        check_kernel_against_dense(layout, 2, 1, 64, dtype, softcap, window, atol=atol, rtol=atol)
+
+
+def test_triton_path_positions_from_block_table():
+    layout = PrefixGroupLayout(*LAYOUTS["ragged_many_groups"], device=DEVICE)
+    positions = prefix_kernel._path_positions(layout.query_blocks(16), layout.total_tokens)
+    assert torch.equal(positions.long(), layout.position_ids)
+
+
+@pytest.mark.parametrize("softcap, window, match", [(-1.0, 0, "softcap"), (float("nan"), 0, "softcap"),
+                                                    (0.0, -2, "window")])
+def test_triton_kernel_rejects_bad_softcap_and_window(softcap, window, match):
+    layout = PrefixGroupLayout([3], [[2]], device=DEVICE)
+    q, k, v = make_inputs(layout, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        prefix_kernel.forward(q, k, v, layout.query_blocks(16), 0.25, softcap, window)
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+def test_triton_fp32_without_spill_free_tiles_is_refused_with_the_way_out(target):
+    """GPU tables hold fp32 (3-pass TF32) entries only where every kernel compiles without spills;
+    elsewhere the kernels refuse fp32 before launching anything, naming backend='torch'."""
+    layout = PrefixGroupLayout([3], [[2]], device=DEVICE)
+    q, k, v = make_inputs(layout, 2, 1, 256, torch.float32)
+    with gpu_tiles(target), pytest.raises(TypeError, match="backend='torch'"):
+        prefix_kernel.forward(q, k, v, layout.query_blocks(128), 0.25, 0.0, 0)
+    assert prefix_kernel.unsupported_reason(torch.bfloat16, 256, q.device) is None
 
 
 @pytest.mark.gpu

@@ -13,9 +13,8 @@ from pyfastrl.kernels.prefix_attention.reference import repeated_prefix_attentio
 from pyfastrl.ops.prefix_attention import _forward_op
 from test_prefix_attention import LAYOUTS, assert_close, make_inputs
 
-# Backends tested with softcap / sliding_window. The Triton kernel gains both in another branch:
-# "triton" joins this list when that branch is merged.
-SOFTCAP_WINDOW_BACKENDS = ["torch"]
+# Backends tested with softcap / sliding_window (Triton through the interpreter on CPU).
+SOFTCAP_WINDOW_BACKENDS = ["torch", "triton"]
 # Input dtype and tolerance (vs float64 F_naive) per backend.
 PRECISION = {"torch": (torch.float64, 1e-10), "triton": (torch.float32, 1e-4)}
 HEAD_DIM = 16  # scale 1/4: scores of unit-normal q, k are ~N(0, 1), so softcap 0.5 and 3 both bind

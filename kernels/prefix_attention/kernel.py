@@ -1,287 +1,280 @@
-"""Triton kernels of prefix-grouped attention (the ``"triton"`` backend).
+"""Triton kernels of prefix-grouped attention (the ``"triton"`` backend): launches and tile tables.
 
-Three launches, each over a block table precomputed on the ``PrefixGroupLayout``:
+The programs are in ``triton_kernels.py``. Per call:
 
-* ``_forward_kernel`` (query block x query head): online softmax over the group's prefix keys (no
-  mask) and then the block's own segment (causal); writes the output and the natural-log LSE.
-* ``_backward_dkdv_kernel`` (key block x kv head): for a prefix key block it walks the contiguous
-  query range "prefix rows after it, then every member's suffix" of its group, so the sum of the
-  prefix gradient over members happens in registers: no prefix K/V copies, no atomics. The query
-  heads sharing a kv head (GQA) are summed in the same program.
-* ``_backward_dq_kernel`` (query block x query head): the forward's iteration, recomputing the
-  probabilities from the saved LSE.
+* forward (query tile x query head): online softmax over the group's prefix keys (suffix rows) and
+  then the tile's own segment (causal); writes the output and the natural-log LSE.
+* ``delta = rowsum(dO * O)``.
+* dQ (query tile x query head): the forward's iteration, recomputing the probabilities from the LSE.
+* dK/dV (chunk row x query head): a chunk row is a key tile and a contiguous range of at most
+  ``query_chunk`` of the queries that read it; for a prefix key tile that range runs over the
+  prefix rows after it and then every member's suffix, so the sum over members happens in
+  registers, without prefix K/V copies. Each program writes its fp32 partial; a reduction kernel
+  sums a key tile's chunk rows and the query heads of its kv head (GQA) in a fixed order: no
+  atomics, deterministic, and neither long prefixes nor GQA heads run serially in one program.
+  Cost: two fp32 buffers of ``chunk rows x Hq x BLOCK_N x D`` (about ``T x Hq x D`` each, plus one
+  key tile per extra chunk of a long group).
 
-``delta = rowsum(dO * O)`` is computed once by ``_backward_delta_kernel``. Accumulation is fp32;
-inputs are fp16, bf16 or fp32 (fp32 matmuls use IEEE precision, not TF32). Any head dim that is
-a multiple of 16 up to 256 (non powers of two are masked up to the next one).
+Soft-capping (``softcap = c > 0``): scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before the
+softmax, with the exact gradient. Sliding window (``window = W > 0``): a query at path position i
+sees key j of its own path only when ``i - pos(j) < W`` (transformers' definition). Path positions:
+prompt tokens ``0..P-1``, completion tokens ``P + index``. The forward and dQ skip key tiles outside
+every row's window and mask only the window-edge tiles; dK/dV skip query tiles with no visible pair.
+
+Dots run on tensor cores: fp16/bf16 directly, fp32 as 3-pass TF32 (``tf32x3``: hi/lo split, about
+fp32 accuracy). fp32 is offered only where the tile table has spill-free tf32x3 tiles for every
+kernel; elsewhere ``unsupported_reason`` says so and the entry points raise. Accumulation is fp32.
+Head dims: multiples of 16 up to 256 (non powers of two are masked up to the next one).
+
+Tiles: ``pyfastrl.kernels.launch_target.tile_target(device)`` picks the table (``"interpreter"``,
+``"sm80"``, ``"sm90"``). The layout's block tables use ``block_sizes``; each kernel splits a table
+block into its own tiles. The GPU entries were chosen by compiling every kernel for sm_80 and
+sm_90a (no spills, shared memory within the limit, tensor-core dots: HMMA / HGMMA) and are to be
+tuned by timing on a GPU.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
-import triton.language as tl
 
-from pyfastrl.kernels.attention_common import INTERPRETED, LN2, LOG2E, dot
+from pyfastrl.kernels.attention_common import INTERPRETED, LOG2E
+from pyfastrl.kernels.launch_target import tile_target
+from pyfastrl.kernels.prefix_attention import triton_kernels as tk
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+# Rows of the layout's (forward, dQ, dK/dV) block tables per target, and the most queries one
+# dK/dV program handles for a key tile (longer query ranges are split into chunk rows).
+_TABLE_BLOCKS = {"interpreter": (16, 16, 16), "sm80": (128, 128, 128), "sm90": (128, 128, 128)}
+_QUERY_CHUNK = {"interpreter": 32, "sm80": 4096, "sm90": 4096}
 
-def block_sizes(head_dim: int) -> tuple[int, int, int]:
-    """Rows per program of (forward, dQ, dK/dV): the block sizes of the layout tables to pass."""
-    if INTERPRETED:
-        return 16, 16, 16
-    if head_dim <= 128:
-        return 128, 64, 64
-    return 64, 32, 32
-
-
-def _inner_tile(head_dim: int) -> int:
-    """Columns of the tile each program loops over (keys in forward/dQ, queries in dK/dV)."""
-    if INTERPRETED:
-        return 16
-    return 64 if head_dim <= 128 else 32
-
-
-def _num_warps(head_dim: int) -> int:
-    return 4 if head_dim <= 64 else 8
-
-
-@triton.jit
-def _query_block(BLOCKS, Q, stride_qt, stride_qh, head,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query-block row (see PrefixGroupLayout.query_blocks), its row and head-dim
-    offsets and masks, and its query tile."""
-    row = BLOCKS + tl.program_id(0) * 5
-    q_start = tl.load(row)
-    q_end = tl.load(row + 1)
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_end
-    d_valid = offs_d < HEAD_DIM
-    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    return q_end, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), offs_m, offs_d, m_valid, d_valid, q
-
-
-@triton.jit
-def _key_range(PHASE: tl.constexpr, q_end, causal_start, full_start, full_end):
-    """Keys of a query block: phase 0 the group's prefix, seen whole by suffix rows (empty for
-    prefix rows); phase 1 the block's own segment up to its last row, causal."""
-    if PHASE == 0:
-        return full_start, full_end
-    return causal_start, q_end
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per target, kernel, padded head dim (64 covers <= 64)
+# and whether the inputs are fp32 (tf32x3 dots). Forward/dQ: M query rows, N keys per loop tile;
+# dK/dV: N keys per program, M queries per loop tile. Each entry is the first candidate, in order
+# of preference (bigger tiles, more stages), that compiles for its architecture (sm_80 / sm_90a)
+# with and without soft-capping and windows: no register spill, shared memory within 163 / 227 KB,
+# every dot on tensor cores (wgmma on sm_90a for bf16/fp16). fp32 has entries only where some
+# candidate down to 16 x 16 tiles compiled without spills. An entry with a fourth key element
+# ("window" or "softcap") replaces the plain one when that option is on (looked up in that order):
+# the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV tiles.
+# To be re-ranked by timing on GPUs.
+_INTERPRETER_TILES = (16, 16, 1, 1)
+_GPU_TILES = {
+    "sm80": {
+        ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
+        ("forward", 256, False): (64, 64, 8, 2),
+        ("dq", 64, False): (64, 64, 4, 3), ("dq", 128, False): (64, 64, 8, 3), ("dq", 256, False): (64, 32, 8, 2),
+        ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
+        ("dkdv", 256, False): (32, 64, 8, 2),
+        ("forward", 64, True): (64, 32, 4, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
+        ("dkdv", 256, False, "window"): (32, 32, 8, 2), ("dkdv", 256, False, "softcap"): (32, 32, 8, 2),
+    },
+    "sm90": {
+        ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
+        ("forward", 256, False): (64, 64, 8, 2),
+        ("dq", 64, False): (64, 64, 4, 3), ("dq", 128, False): (64, 64, 8, 3), ("dq", 256, False): (64, 32, 8, 2),
+        ("dkdv", 64, False): (64, 64, 8, 2), ("dkdv", 128, False): (64, 64, 8, 3),
+        ("dkdv", 256, False): (32, 64, 8, 2),
+        ("forward", 64, True): (64, 64, 8, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
+        ("dkdv", 256, False, "window"): (32, 32, 8, 2),  # mma.sync: every 64-key (wgmma) candidate spilled
+    },
+}
 
 
-@triton.jit
-def _key_tile_mask(PHASE: tl.constexpr, offs_m, offs_n, hi):
-    keep = (offs_n < hi)[None, :]
-    if PHASE == 1:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])
-    return keep
+def _target(device) -> str:
+    if device is None:  # callers that only know the head dim: the device kernels would run on
+        device = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+    return tile_target(torch.device(device))
 
 
-@triton.jit
-def _forward_kernel(
-    Q, K, V, O, LSE, BLOCKS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_tokens, scale_log2,
-    REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    head = tl.program_id(1)
-    kv_head = head // REP
-    q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_block(
-        BLOCKS, Q, stride_qt, stride_qh, head, HEAD_DIM, BLOCK_D, BLOCK_M)
-    k_base = K + kv_head * stride_kh + offs_d[:, None]
-    v_base = V + kv_head * stride_vh + offs_d[None, :]
-
-    # A finite start keeps exp2(m_old - m_new) at 0, never NaN, for rows whose first tile is masked.
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    for phase in tl.static_range(2):
-        lo, hi = _key_range(phase, q_end, causal_start, full_start, full_end)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < hi
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
-            s = dot(q, kt, PRECISION, UPCAST) * scale_log2
-            s = tl.where(_key_tile_mask(phase, offs_m, offs_n, hi), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-            m_i = m_new
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    tl.store(LSE + head * num_tokens + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=m_valid)
+def block_sizes(head_dim: int, device=None) -> tuple[int, int, int]:
+    """Rows per block of the layout tables to pass: ``(forward, dQ, dK/dV)``, i.e.
+    ``layout.query_blocks(fwd)``, ``layout.query_blocks(dq)``, ``layout.key_blocks(dkdv)``.
+    ``device`` is where the kernels will run (default: CUDA when present, else the interpreter)."""
+    del head_dim  # every kernel splits a table block into its own head-dim dependent tiles
+    return _TABLE_BLOCKS[_target(device)]
 
 
-@triton.jit
-def _backward_delta_kernel(
-    O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, num_tokens,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    head = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < num_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head * num_tokens + offs_m, delta, mask=offs_m < num_tokens)
-
-
-@triton.jit
-def _backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BLOCKS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    num_tokens, scale, scale_log2,
-    REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    row = BLOCKS + tl.program_id(0) * 3
-    kv_head = tl.program_id(1)
-    k_start = tl.load(row)
-    k_end = tl.load(row + 1)
-    q_end = tl.load(row + 2)
-
-    offs_n = k_start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < k_end
-    d_valid = offs_d < HEAD_DIM
-    kv_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + offs_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    for r in range(REP):
-        head = kv_head * REP + r
-        for m0 in range(k_start, q_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < q_end
-            qd_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                         mask=qd_mask, other=0.0)
-            lse = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0)
-            delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
-            s = dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
-            keep = m_valid[:, None] & n_valid[None, :] & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
-            dv += dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-            dp = dot(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dk += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
-
-    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _backward_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BLOCKS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
-    num_tokens, scale, scale_log2,
-    REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    head = tl.program_id(1)
-    kv_head = head // REP
-    q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_block(
-        BLOCKS, Q, stride_qt, stride_qh, head, HEAD_DIM, BLOCK_D, BLOCK_M)
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse2 = tl.load(LSE + head * num_tokens + offs_m, mask=m_valid, other=0.0) * LOG2E
-    delta = tl.load(DELTA + head * num_tokens + offs_m, mask=m_valid, other=0.0)
-    k_base = K + kv_head * stride_kh + offs_d[:, None]
-    v_base = V + kv_head * stride_vh + offs_d[:, None]
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    for phase in tl.static_range(2):
-        lo, hi = _key_range(phase, q_end, causal_start, full_start, full_end)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            dn_mask = d_valid[:, None] & (offs_n < hi)[None, :]
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt, mask=dn_mask, other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vt, mask=dn_mask, other=0.0)
-            s = dot(q, kt, PRECISION, UPCAST) * scale_log2
-            keep = m_valid[:, None] & _key_tile_mask(phase, offs_m, offs_n, hi)
-            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (dot(do, vt, PRECISION, UPCAST) - delta[:, None])
-            dq += dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
-
-    tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
-
-
-def _common(q: torch.Tensor, k: torch.Tensor):
-    head_dim = q.shape[2]
-    return dict(
-        REP=q.shape[1] // k.shape[1],
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        UPCAST=INTERPRETED,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_num_warps(head_dim),
+def unsupported_reason(dtype: torch.dtype, head_dim: int, device) -> str | None:
+    """Why these kernels refuse ``dtype`` at ``head_dim`` on ``device``, or None. fp32 runs where
+    the tile table has a spill-free 3-pass-TF32 entry for every kernel (see ``_GPU_TILES``)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"backend 'triton' supports {SUPPORTED_DTYPES}, got {dtype}; use backend='torch'"
+    target = _target(device)
+    if target == "interpreter" or dtype != torch.float32:
+        return None
+    padded = max(64, triton.next_power_of_2(head_dim))
+    if all((kernel, padded, True) in _GPU_TILES[target] for kernel in ("forward", "dq", "dkdv")):
+        return None
+    return (
+        f"backend 'triton' has no fp32 kernels for head dim {head_dim} on {target} (3-pass TF32 tiles "
+        "would spill registers); use backend='torch' for fp32, or fp16/bf16 inputs"
     )
 
 
-def forward(q, k, v, query_blocks, scale: float):
-    """Launch the forward. ``query_blocks`` = ``layout.query_blocks(block_sizes(D)[0])``.
-    Inputs need unit stride in the head dim. Returns ``out (T, Hq, D)`` and ``lse (Hq, T)`` fp32."""
+def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict) -> dict:
+    if target == "interpreter":
+        block_m, block_n, num_warps, num_stages = _INTERPRETER_TILES
+    else:
+        table = _GPU_TILES[target]
+        key = (kernel, max(64, triton.next_power_of_2(head_dim)), dtype == torch.float32)
+        options = [name for name, on in (("window", consts["WINDOWED"]), ("softcap", consts["SOFTCAP"])) if on]
+        key = next((key + (name,) for name in options if key + (name,) in table), key)
+        block_m, block_n, num_warps, num_stages = table[key]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, softcap: float, window: int, scale: float):
+    head_dim = q.shape[2]
+    reason = unsupported_reason(q.dtype, head_dim, q.device)
+    if reason is not None:
+        raise TypeError(reason)
+    if not softcap >= 0.0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = off), got {window!r}")
+    # Scores in log2 units: s2 = q.k * score_in, or with soft-capping tanh(q.k * score_in) * score_out.
+    score_in = scale / softcap if softcap > 0 else scale * LOG2E.value
+    score_out = softcap * LOG2E.value
+    return dict(
+        NUM_HEADS=q.shape[1],
+        REP=q.shape[1] // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        SOFTCAP=softcap > 0,
+        WINDOWED=window > 0,
+        UPCAST=INTERPRETED,
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+    ), (score_in, score_out, int(window))
+
+
+def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
+    """Launch the forward. ``query_blocks`` = ``layout.query_blocks(block_sizes(D, device)[0])``;
+    ``softcap`` 0.0 and ``window`` 0 mean off. Inputs need unit stride in the head dim. Returns
+    ``out (T, Hq, D)`` and ``lse (Hq, T)`` fp32 (natural log)."""
     num_tokens, num_heads, head_dim = q.shape
+    target = _target(q.device)
+    consts, (score_in, score_out, window) = _common(q, k, softcap, window, scale)
+    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts)
+    split = _TABLE_BLOCKS[target][0] // tiles["BLOCK_M"]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
-    grid = (query_blocks.shape[0], num_heads)
-    _forward_kernel[grid](
+    tk.forward_kernel[(num_heads * query_blocks.shape[0] * split,)](
         q, k, v, out, lse, query_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        num_tokens, scale * LOG2E.value,
-        BLOCK_M=block_sizes(head_dim)[0], BLOCK_N=_inner_tile(head_dim), num_stages=2, **_common(q, k),
+        num_tokens, score_in, score_out, window, SPLIT=split, **tiles, **consts,
     )
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float):
-    """Launch the backward; the block tables come from ``block_sizes(D)[1:]``. Returns ``(dq, dk, dv)``."""
+# Schedules derived from the layout's tables, cached per table tensor (the layout keeps its tables
+# alive for as long as it is reused, layer after layer): id(table) -> (weak ref, {key: schedule}).
+# Keyed by id, not by the tensor: tensors compare elementwise, which dict lookups cannot use.
+_SCHEDULES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _cached(table: torch.Tensor, key, build):
+    entry = _SCHEDULES.get(id(table))
+    if entry is None or entry[0]() is not table:
+        entry = (weakref.ref(table), {})
+        _SCHEDULES[id(table)] = entry
+        weakref.finalize(table, _SCHEDULES.pop, id(table), None)
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
+
+
+def _dkdv_schedule(dkdv_blocks: torch.Tensor, table_block: int, block_n: int, query_chunk: int):
+    """``(chunks (n, 4), reduce (m, 4))`` int32 from the key-block table ``[k_start, k_end, q_end]``:
+    every table block split into key tiles of ``block_n``, every key tile's query range
+    ``k_start..q_end-1`` into chunk rows ``[k_start, k_end, m_lo, m_hi]`` of at most ``query_chunk``
+    (a tile's chunk rows are consecutive, in table order: most work first), and per key tile a reduce
+    row ``[k_start, k_end, first chunk row, number of chunk rows]``. Tensor ops; one host sync (the
+    number of chunk rows), once per table."""
+    return _cached(dkdv_blocks, ("dkdv", table_block, block_n, query_chunk),
+                   lambda: _build_dkdv_schedule(dkdv_blocks, table_block, block_n, query_chunk))
+
+
+def _build_dkdv_schedule(dkdv_blocks, table_block, block_n, query_chunk):
+    blocks = dkdv_blocks.long()
+    per_block = table_block // block_n
+    sub = torch.arange(per_block, device=blocks.device).repeat(blocks.shape[0])
+    blocks = blocks.repeat_interleave(per_block, dim=0)
+    k_start = blocks[:, 0] + sub * block_n
+    k_end = torch.minimum(blocks[:, 1], k_start + block_n)
+    q_end = blocks[:, 2]
+    counts = torch.where(k_start < k_end, (q_end - k_start + query_chunk - 1) // query_chunk, 0)
+    first = torch.cumsum(counts, 0) - counts
+    num_chunks = int(counts.sum())
+    tile = torch.repeat_interleave(torch.arange(counts.shape[0], device=blocks.device), counts, output_size=num_chunks)
+    m_lo = k_start[tile] + (torch.arange(num_chunks, device=blocks.device) - first[tile]) * query_chunk
+    chunks = torch.stack([k_start[tile], k_end[tile], m_lo, torch.minimum(m_lo + query_chunk, q_end[tile])], 1)
+    reduce = torch.stack([k_start, k_end, first, counts], 1)
+    return chunks.to(torch.int32).contiguous(), reduce.to(torch.int32).contiguous()
+
+
+def _path_positions(dq_blocks: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(T,)`` int32 path position of every token, from a query-block table (row
+    ``[q_start, q_end, causal_start, full_start, full_end]``: position = t - causal_start + prefix
+    length). Tensor ops, no host sync; cached per table."""
+    return _cached(dq_blocks, ("positions", num_tokens), lambda: _build_path_positions(dq_blocks, num_tokens))
+
+
+def _build_path_positions(dq_blocks, num_tokens):
+    q_start, q_end, causal_start, full_start, full_end = dq_blocks.long().unbind(1)
+    counts = q_end - q_start
+    row = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=num_tokens)
+    token = q_start[row] + torch.arange(num_tokens, device=counts.device) - (torch.cumsum(counts, 0) - counts)[row]
+    positions = torch.empty(num_tokens, dtype=torch.int32, device=counts.device)
+    positions[token] = (token - causal_start[row] + full_end[row] - full_start[row]).to(torch.int32)
+    return positions
+
+
+def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float, softcap: float, window: int):
+    """Launch the backward; the block tables come from ``block_sizes(D, device)[1:]``, ``softcap``
+    and ``window`` as in the forward. Returns ``(dq, dk, dv)`` in the inputs' dtype."""
     num_tokens, num_heads, head_dim = q.shape
-    _, block_dq, block_dkdv = block_sizes(head_dim)
-    common = _common(q, k)
+    num_kv_heads = k.shape[1]
+    target = _target(q.device)
+    consts, (score_in, score_out, window) = _common(q, k, softcap, window, scale)
+    block_d = consts["BLOCK_D"]
     delta = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
-    _backward_delta_kernel[(triton.cdiv(num_tokens, 64), num_heads)](
+    tk.delta_kernel[(num_heads * triton.cdiv(num_tokens, 64),)](
         out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), num_tokens,
-        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_M=64,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64,
     )
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1),
     )
-    _backward_dkdv_kernel[(dkdv_blocks.shape[0], k.shape[1])](
-        q, k, v, grad_out, lse, delta, dk, dv, dkdv_blocks, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        num_tokens, scale, scale * LOG2E.value,
-        BLOCK_M=_inner_tile(head_dim), BLOCK_N=block_dkdv, num_stages=1, **common,
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts)
+    split = _TABLE_BLOCKS[target][1] // tiles["BLOCK_M"]
+    tk.dq_kernel[(num_heads * dq_blocks.shape[0] * split,)](
+        q, k, v, grad_out, lse, delta, dq, dq_blocks, *strides, dq.stride(0), dq.stride(1),
+        num_tokens, scale, score_in, score_out, window, SPLIT=split, **tiles, **consts,
     )
-    _backward_dq_kernel[(dq_blocks.shape[0], num_heads)](
-        q, k, v, grad_out, lse, delta, dq, dq_blocks, *strides,
-        dq.stride(0), dq.stride(1),
-        num_tokens, scale, scale * LOG2E.value,
-        BLOCK_M=block_dq, BLOCK_N=_inner_tile(head_dim), num_stages=1, **common,
+
+    tiles = _launch_tiles(target, "dkdv", head_dim, q.dtype, consts)
+    chunks, reduce = _dkdv_schedule(dkdv_blocks, _TABLE_BLOCKS[target][2], tiles["BLOCK_N"], _QUERY_CHUNK[target])
+    positions = _path_positions(dq_blocks, num_tokens) if window > 0 else dq_blocks  # unread without a window
+    part_shape = (chunks.shape[0], num_heads, tiles["BLOCK_N"], block_d)
+    part_dk = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+    part_dv = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+    tk.dkdv_kernel[(num_heads * chunks.shape[0],)](
+        q, k, v, grad_out, lse, delta, positions, part_dk, part_dv, chunks, *strides,
+        num_tokens, score_in, score_out, window, **tiles, **consts,
     )
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    reduce_consts = dict(NUM_KV_HEADS=num_kv_heads, REP=consts["REP"], HEAD_DIM=head_dim, BLOCK_D=block_d,
+                         BLOCK_N=tiles["BLOCK_N"], ROWS=min(16, tiles["BLOCK_N"]))
+    for part, grad, grad_scale in ((part_dk, dk, scale), (part_dv, dv, 1.0)):
+        tk.dkdv_reduce_kernel[(num_kv_heads * reduce.shape[0],)](
+            part, grad, reduce, grad.stride(0), grad.stride(1), grad_scale, **reduce_consts,
+        )
     return dq, dk, dv

@@ -127,20 +127,19 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
         )
     if backend == "triton":
         kernel = _triton_kernels()
-        if q.dtype not in kernel.SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
+        if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
+            raise ValueError(
+                f"{_OP}: backend 'triton' needs a head dim that is a multiple of 16 and at most "
+                f"{kernel.MAX_HEAD_DIM}, got D={head_dim}; use backend='torch'"
             )
+        reason = kernel.unsupported_reason(q.dtype, head_dim, q.device)
+        if reason is not None:
+            raise TypeError(f"{_OP}: {reason}")
         largest = largest_element_offset(q, k, v)
         if largest >= 2**31:
             raise ValueError(
                 f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,} "
                 "(>= 2**31): split the batch into several layouts"
-            )
-        if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
-            raise ValueError(
-                f"{_OP}: backend 'triton' needs a head dim that is a multiple of 16 and at most "
-                f"{kernel.MAX_HEAD_DIM}, got D={head_dim}; use backend='torch'"
             )
 
 
@@ -196,7 +195,7 @@ def prefix_grouped_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     if backend == "triton":
-        block_fwd, block_dq, block_dkdv = _triton_kernels().block_sizes(head_dim)
+        block_fwd, block_dq, block_dkdv = _triton_kernels().block_sizes(head_dim, q.device)
         query_blocks = layout.query_blocks(block_fwd)
         dq_blocks = layout.query_blocks(block_dq)
         dkdv_blocks = layout.key_blocks(block_dkdv)
