@@ -433,8 +433,17 @@ def test_bad_input_is_refused_with_a_clear_error(name):
 
 
 @pytest.mark.gpu
+def test_float32_on_gpu_is_routed_to_the_torch_backend():
+    q, k, v = (t.detach() for t in make_inputs(1, 8, 2, 1, 16, device="cuda"))
+    with pytest.raises(TypeError, match="use backend='torch' for fp32"):
+        local_linear_attention(q, k, v, ridge_lambda=1.0, backend="triton")
+    _, stats = local_linear_attention(q, k, v, ridge_lambda=1.0, return_solver_stats=True)
+    assert stats.iterations.shape[-1] == 0  # the direct (torch) solve
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compiled_triton_matches_the_torch_backend_on_gpu(head_dim, dtype):
     q, k, v = make_inputs(2, 1000, 8, 2, head_dim, dtype, device="cuda")
     ridge = torch.linspace(0.1, 2.0, 8, device="cuda")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import warnings
 from numbers import Real
 from typing import NamedTuple
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import BACKEND_ENV, resolve_backend
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset
@@ -210,6 +211,11 @@ def _check_tensors(q, k, v, backend: str, validate: bool) -> None:
         )
     if backend == "triton":
         kernel = _triton_kernels()
+        if q.dtype == torch.float32 and q.device.type == "cuda":
+            raise TypeError(
+                f"{_OP}: backend 'triton' on a GPU takes fp16/bf16 inputs (its fp32 3xTF32 products spill "
+                "registers); use backend='torch' for fp32, or cast q/k/v to bf16"
+            )
         if q.dtype not in kernel.SUPPORTED_DTYPES:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
@@ -300,7 +306,8 @@ def local_linear_attention(
             last iterate. Without ``validate`` the warning comes without a host synchronisation:
             the residual summary is copied to host memory asynchronously and the warning is issued
             by a later call of this op (or at interpreter exit) once the copy has landed.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
+        backend: ``"auto"`` (Triton on CUDA for fp16/bf16, PyTorch otherwise — fp32 on CUDA too;
+            ``PYFASTRL_BACKEND`` overrides),
             ``"torch"`` or ``"triton"``.
         return_solver_stats: also return a ``SolverStats`` (iterations per query block, residuals).
         validate: check values, at the cost of host synchronisations (default False: the op then
@@ -316,7 +323,10 @@ def local_linear_attention(
         dependence on q and k through the weights).
     """
     if isinstance(q, torch.Tensor):
+        automatic = backend == "auto" and os.environ.get(BACKEND_ENV, "auto") == "auto"
         backend = resolve_backend(_OP, backend, q.device)
+        if automatic and backend == "triton" and q.dtype == torch.float32 and q.device.type == "cuda":
+            backend = "torch"  # the compiled kernels take 16-bit inputs (see _check_tensors)
     _deferred.report()
     _check_tensors(q, k, v, backend, validate)
     if causal is not True:
