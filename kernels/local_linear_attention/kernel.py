@@ -17,9 +17,16 @@ Three launches:
 * ``_backward_key_kernel`` (key block x (batch, kv head)): dK and dV over the query tiles at or after
   the block, for every query head sharing the kv head (GQA) in the same program: no atomics.
 
-Accumulation and solves are fp32. Score products use the inputs' dtype (bf16/fp16 on tensor cores,
-fp32 as 3xTF32); products with the fp32 solver vectors use 3xTF32, which keeps CG's recurrences at
-fp32 accuracy.
+Accumulation and solves are fp32, and every product runs on 16-bit tensor cores for bf16/fp16 inputs:
+scores from the inputs directly (exact products); a product of an fp32 quantity (CG direction, eta,
+xi, probability-weighted coefficients) with keys or values splits the fp32 side into hi + lo in the
+input dtype (keys and values are exact in it; fp16 rows are first scaled to their largest magnitude,
+its range being narrow), and the two fp32 x fp32 products of dK take three 16-bit products. Only the
+Jacobi diagonal (a preconditioner) uses rounded k^2. fp32 inputs take 3xTF32 products; the op
+routes them to the torch backend on a GPU, where those spill registers.
+
+Registers: CG keeps only the key sweep's operands in registers; each block's x, r, d, kbar and
+diagonal live in its own rows of fp32 scratch between sweeps (see ``_solve``).
 """
 from __future__ import annotations
 
@@ -50,21 +57,24 @@ class Tiles(NamedTuple):
 
 KERNELS = ("_forward_kernel", "_backward_query_kernel", "_backward_key_kernel")
 _INTERPRETER = Tiles(16, 16, 4, 1)
-# (target, kernel, head dim <= 64 or 128) -> Tiles, chosen from compiles for sm_80 and sm_90a
-# (benchmarks/compile_check.py): no register spill, shared memory within the target's limit, 16-bit
-# dots on tensor cores (wgmma on sm_90a: 64-row blocks per 4-warp group).
+# (target, kernel, head dim <= 64 or 128[, dtype]) -> Tiles (a dtype entry overrides), chosen from
+# compiles for sm_80 and sm_90a (registers, spill bytes, shared memory, HMMA/HGMMA counts): 16-bit
+# dots on tensor cores, wgmma on sm_90a where the block has 64 rows; at D = 128, 64-row blocks spill.
 _GPU_TILES = {
     ("sm80", "_forward_kernel", 64): Tiles(64, 32, 8, 2),
     ("sm80", "_forward_kernel", 128): Tiles(32, 32, 8, 2),
-    ("sm80", "_backward_query_kernel", 64): Tiles(64, 16, 8, 2),
-    ("sm80", "_backward_query_kernel", 128): Tiles(32, 16, 8, 2),
-    ("sm80", "_backward_key_kernel", 64): Tiles(64, 32, 4, 2),
+    ("sm80", "_backward_query_kernel", 64): Tiles(32, 32, 8, 2),
+    ("sm80", "_backward_query_kernel", 128): Tiles(32, 16, 8, 1),
+    ("sm80", "_backward_query_kernel", 128, torch.float16): Tiles(16, 16, 4, 2),
+    ("sm80", "_backward_key_kernel", 64): Tiles(32, 32, 8, 1),
     ("sm80", "_backward_key_kernel", 128): Tiles(32, 32, 8, 1),
     ("sm90", "_forward_kernel", 64): Tiles(64, 32, 8, 2),
     ("sm90", "_forward_kernel", 128): Tiles(32, 32, 8, 2),
     ("sm90", "_backward_query_kernel", 64): Tiles(64, 16, 8, 2),
+    ("sm90", "_backward_query_kernel", 64, torch.float16): Tiles(64, 32, 8, 1),
     ("sm90", "_backward_query_kernel", 128): Tiles(32, 16, 8, 2),
     ("sm90", "_backward_key_kernel", 64): Tiles(64, 32, 4, 2),
+    ("sm90", "_backward_key_kernel", 64, torch.float16): Tiles(64, 16, 4, 2),
     ("sm90", "_backward_key_kernel", 128): Tiles(32, 32, 8, 1),
 }
 
@@ -74,7 +84,8 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, target: str) -> Tiles:
     (``launch_target.tile_target``: "interpreter", "sm80" or "sm90")."""
     if target == "interpreter":
         return _INTERPRETER
-    return _GPU_TILES[(target, kernel, 64 if head_dim <= 64 else 128)]
+    key = (target, kernel, 64 if head_dim <= 64 else 128)
+    return _GPU_TILES.get((*key, dtype), _GPU_TILES[key])
 
 
 def compile_config(kernel: str, dtype: torch.dtype, head_dim: int, target: str):
