@@ -10,7 +10,8 @@ import torch
 
 from conftest import DEVICE
 from pyfastrl import local_linear_attention
-from pyfastrl.kernels.local_linear_attention import reference
+from pyfastrl.kernels.launch_target import gpu_tiles, tile_target
+from pyfastrl.kernels.local_linear_attention import kernel, reference
 from pyfastrl.kernels.local_linear_attention.reference import naive_local_linear_attention
 from pyfastrl.nn import LocalLinearAttention
 from pyfastrl.ops.local_linear_attention import _backward_op, _forward_op
@@ -111,6 +112,22 @@ def test_strided_views_are_read_in_place(backend):
     grad_out = torch.randn_like(q)
     got = op_and_grads(q, k, v, ridge, grad_out, backend=backend, tolerance=1e-7)
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 0.25), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("target, dtype", [("sm80", torch.float16), ("sm90", torch.bfloat16)])
+def test_gpu_tile_sizes_match_the_dense_reference(target, dtype):
+    """The three kernels with the tiles a GPU launch takes (not the interpreter's 16-row tiles), on
+    a problem of two blocks and two swept tiles per kernel; bf16 and fp16 take the split products."""
+    head_dim = 64
+    with gpu_tiles(target):
+        tiles = [kernel.tiles(name, head_dim, dtype, tile_target(torch.device(DEVICE))) for name in kernel.KERNELS]
+        tokens = 2 * max(size for t in tiles for size in (t.block, t.sweep))
+        assert all(tokens >= 2 * t.block and tokens >= 2 * t.sweep for t in tiles)
+        q, k, v = make_inputs(1, tokens, 2, 1, head_dim, dtype)
+        ridge = torch.tensor([0.3, 1.0], device=DEVICE)
+        grad_out = torch.randn_like(q)
+        got = op_and_grads(q, k, v, ridge, grad_out, backend="triton")
+    assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, head_dim**-0.5), TOLERANCE[dtype])
 
 
 # ----------------------------------------------------------------------------- the spec's identities
@@ -247,12 +264,44 @@ def test_torch_backend_reports_a_direct_solve():
 def test_iteration_cap_warns_with_the_residual_forward_and_backward():
     q, k, v = make_inputs(1, 20, 1, 1, 16)
     with pytest.warns(RuntimeWarning, match=r"forward ridge solve reached max_iterations=2 with relative residual"):
-        out = local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", max_iterations=2)
+        out = local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", max_iterations=2, validate=True)
     with pytest.warns(RuntimeWarning, match=r"backward \(adjoint\) ridge solve reached max_iterations=2"):
         out.sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton")
+        local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", validate=True)
+
+
+def test_by_default_an_unconverged_solve_is_reported_by_the_next_call():
+    """No host synchronisation in the call: the residual summary is read on a later call."""
+    q, k, v = make_inputs(1, 20, 1, 1, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", max_iterations=2)
+        out.sum().backward()
+    with pytest.warns(RuntimeWarning) as record:
+        local_linear_attention(q.detach(), k.detach(), v.detach(), ridge_lambda=1.0, backend="torch")
+    messages = [str(w.message) for w in record]
+    assert any("forward ridge solve reached max_iterations=2" in m for m in messages), messages
+    assert any("backward (adjoint) ridge solve reached max_iterations=2" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_path_never_reads_a_tensor_value_on_the_host(backend, monkeypatch):
+    """Forward and backward without .item(), .tolist() or bool(tensor) (each a GPU synchronisation)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = make_inputs(1, 18, 2, 1, 16, dtype)
+    ridge = torch.tensor([0.5, 1.0], dtype=dtype, device=DEVICE, requires_grad=True)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host synchronisation in the default path")
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = local_linear_attention(q, k, v, ridge_lambda=ridge, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v, ridge), torch.ones_like(out))
+    monkeypatch.undo()
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 # ----------------------------------------------------------------------------- custom op, module
@@ -261,9 +310,10 @@ def test_iteration_cap_warns_with_the_residual_forward_and_backward():
 def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
     q, k, v = make_inputs(1, 7, 2, 1, 4, torch.float64)
     ridge = torch.tensor([0.5, 1.5], dtype=torch.float64, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(_forward_op, (q, k, v, ridge, 0.5, 1e-5, 8, "torch"))
-    out, eta, lse, _, _ = _forward_op(q, k, v, ridge, 0.5, 1e-5, 8, "torch")
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), ridge.detach(), eta, lse, 0.5, 1e-5, 8, "torch")
+    torch.library.opcheck(_forward_op, (q, k, v, ridge, 0.5, 1e-5, 8, "torch", False))
+    out, eta, lse, _, _ = _forward_op(q, k, v, ridge, 0.5, 1e-5, 8, "torch", False)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), ridge.detach(), eta, lse, 0.5, 1e-5, 8, "torch",
+            False)
     torch.library.opcheck(_backward_op, args)
 
     def fn(q, k, v, ridge):
@@ -320,13 +370,14 @@ def _bad(name):
         k = k.double()
     elif name in ("lambda_zero", "lambda_negative", "lambda_nan"):
         kwargs["ridge_lambda"] = {"lambda_zero": 0.0, "lambda_negative": -1.0, "lambda_nan": math.nan}[name]
-    elif name == "lambda_tensor_negative":
-        kwargs["ridge_lambda"] = torch.tensor([1.0, 1.0, -0.5, 1.0], device=DEVICE)
+    elif name == "lambda_tensor_negative":  # value checks: only with validate=True (a host sync)
+        kwargs.update(ridge_lambda=torch.tensor([1.0, 1.0, -0.5, 1.0], device=DEVICE), validate=True)
     elif name == "lambda_tensor_shape":
         kwargs["ridge_lambda"] = torch.ones(2, device=DEVICE)
     elif name in ("nan_q", "nan_k", "inf_v"):
         t = {"nan_q": q, "nan_k": k, "inf_v": v}[name]
         t[0, 3, 1, 2] = math.nan if name != "inf_v" else math.inf
+        kwargs["validate"] = True
     elif name == "tolerance":
         kwargs["tolerance"] = 0.0
     elif name == "max_iterations":
@@ -382,8 +433,17 @@ def test_bad_input_is_refused_with_a_clear_error(name):
 
 
 @pytest.mark.gpu
+def test_float32_on_gpu_is_routed_to_the_torch_backend():
+    q, k, v = (t.detach() for t in make_inputs(1, 8, 2, 1, 16, device="cuda"))
+    with pytest.raises(TypeError, match="use backend='torch' for fp32"):
+        local_linear_attention(q, k, v, ridge_lambda=1.0, backend="triton")
+    _, stats = local_linear_attention(q, k, v, ridge_lambda=1.0, return_solver_stats=True)
+    assert stats.iterations.shape[-1] == 0  # the direct (torch) solve
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compiled_triton_matches_the_torch_backend_on_gpu(head_dim, dtype):
     q, k, v = make_inputs(2, 1000, 8, 2, head_dim, dtype, device="cuda")
     ridge = torch.linspace(0.1, 2.0, 8, device="cuda")

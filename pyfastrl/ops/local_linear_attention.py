@@ -7,13 +7,15 @@ each query's ridge system directly (Cholesky), ``"triton"`` iterates (CG) to ``t
 """
 from __future__ import annotations
 
+import atexit
+import os
 import warnings
 from numbers import Real
 from typing import NamedTuple
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import BACKEND_ENV, resolve_backend
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite
@@ -43,37 +45,93 @@ class SolverStats(NamedTuple):
     residual: torch.Tensor
 
 
-def _warn_unconverged(residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
-    if residual.numel() == 0:
-        return
-    worst = residual.max().item()
-    if worst <= tolerance:
-        return
-    count = int((~(residual <= tolerance)).sum())
-    warnings.warn(
+def _unconverged_message(worst: float, count: int, total: int, tolerance: float, max_iterations: int,
+                         which: str) -> str:
+    return (
         f"{_OP}: the {which} ridge solve reached max_iterations={max_iterations} with relative residual "
-        f"up to {worst:.2e} > tolerance {tolerance:.1e} in {count} of {residual.numel()} queries; raise "
-        "max_iterations, or ridge_lambda (CG needs more iterations as lambda shrinks)",
-        RuntimeWarning,
-        stacklevel=3,
+        f"up to {worst:.2e} > tolerance {tolerance:.1e} in {count} of {total} queries; raise "
+        "max_iterations, or ridge_lambda (CG needs more iterations as lambda shrinks)"
     )
 
 
-def _iteration_blocks(backend: str, num_tokens: int, head_dim: int) -> int:
+def _warn_unconverged_now(residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
+    """validate=True: check the residuals at once (one host synchronisation)."""
+    if residual.numel() == 0:
+        return
+    worst, count = torch.stack([residual.max(), (~(residual <= tolerance)).sum().to(residual.dtype)]).tolist()
+    if worst > tolerance:
+        warnings.warn(_unconverged_message(worst, int(count), residual.numel(), tolerance, max_iterations, which),
+                      RuntimeWarning, stacklevel=3)
+
+
+class _DeferredConvergenceCheck:
+    """The default (validate=False) report of unconverged solves, without a host synchronisation:
+    each Triton solve's worst residual and count of unconverged queries are copied to host memory
+    without blocking (pinned, after a CUDA event), and a later call of the op, or the interpreter's
+    exit, reads the copies whose event has completed and warns about any above the tolerance. Not
+    armed during CUDA graph capture."""
+
+    def __init__(self):
+        self._pending = []
+
+    def submit(self, residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
+        if residual.numel() == 0:
+            return
+        summary = torch.stack([residual.max(), (~(residual <= tolerance)).sum().to(residual.dtype)])
+        event = None
+        if summary.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return
+            host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+            host.copy_(summary, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            summary = host
+        self._pending.append((summary, event, (residual.numel(), tolerance, max_iterations, which)))
+
+    def report(self, wait: bool = False) -> None:
+        """Warn about every finished (or, with ``wait``, every) pending solve above its tolerance."""
+        still_pending = []
+        for summary, event, (total, tolerance, max_iterations, which) in self._pending:
+            if event is not None and not wait and not event.query():
+                still_pending.append((summary, event, (total, tolerance, max_iterations, which)))
+                continue
+            if event is not None:
+                event.synchronize()
+            worst, count = summary.numpy()
+            if worst > tolerance:
+                warnings.warn(_unconverged_message(float(worst), int(count), total, tolerance, max_iterations, which),
+                              RuntimeWarning, stacklevel=3)
+        self._pending = still_pending
+
+
+_deferred = _DeferredConvergenceCheck()
+atexit.register(_deferred.report, wait=True)
+
+
+def _check_convergence(residual, tolerance: float, max_iterations: int, which: str, validate: bool) -> None:
+    if validate:
+        _warn_unconverged_now(residual, tolerance, max_iterations, which)
+    else:
+        _deferred.submit(residual, tolerance, max_iterations, which)
+
+
+def _iteration_blocks(backend: str, q: torch.Tensor) -> int:
     if backend != "triton":
         return 0
-    return -(-num_tokens // _triton_kernels()._tiles(head_dim)[0])
+    _, num_tokens, _, head_dim = q.shape
+    return _triton_kernels().query_blocks(num_tokens, head_dim, q.dtype, q.device)
 
 
 @torch.library.custom_op("pyfastrl::lla_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ridge: torch.Tensor,
-    scale: float, tolerance: float, max_iterations: int, backend: str,
+    scale: float, tolerance: float, max_iterations: int, backend: str, validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         out, eta, lse, residual, iterations = _triton_kernels().forward(
             q, k, v, ridge, scale, tolerance, max_iterations)
-        _warn_unconverged(residual, tolerance, max_iterations, "forward")
+        _check_convergence(residual, tolerance, max_iterations, "forward", validate)
         return out, eta, lse, residual, iterations
     out, eta, lse = reference.forward(q, k, v, ridge, scale)
     batch, _, num_heads, _ = q.shape
@@ -82,10 +140,10 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(q, k, v, ridge, scale, tolerance, max_iterations, backend):
+def _(q, k, v, ridge, scale, tolerance, max_iterations, backend, validate):
     batch, num_tokens, num_heads, head_dim = q.shape
     acc = accumulation_dtype(q.dtype)
-    blocks = _iteration_blocks(backend, num_tokens, head_dim)
+    blocks = _iteration_blocks(backend, q)
     return (
         q.new_empty(q.shape),
         q.new_empty(q.shape, dtype=acc),
@@ -99,33 +157,34 @@ def _(q, k, v, ridge, scale, tolerance, max_iterations, backend):
 def _backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ridge: torch.Tensor,
     eta: torch.Tensor, lse: torch.Tensor, scale: float, tolerance: float, max_iterations: int, backend: str,
+    validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = grad_out.contiguous()
     if backend == "triton":
         dq, dk, dv, dridge, residual, _ = _triton_kernels().backward(
             grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations)
-        _warn_unconverged(residual, tolerance, max_iterations, "backward (adjoint)")
+        _check_convergence(residual, tolerance, max_iterations, "backward (adjoint)", validate)
         return dq, dk, dv, dridge
     return reference.backward(grad_out, q, k, v, ridge, eta, lse, scale)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations, backend):
+def _(grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations, backend, validate):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ridge.new_empty(ridge.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ridge, scale, tolerance, max_iterations, backend = inputs
+    q, k, v, ridge, scale, tolerance, max_iterations, backend, validate = inputs
     _, eta, lse, residual, iterations = output
     ctx.mark_non_differentiable(eta, lse, residual, iterations)
     ctx.save_for_backward(q, k, v, ridge, eta, lse)
-    ctx.options = (scale, tolerance, max_iterations, backend)
+    ctx.options = (scale, tolerance, max_iterations, backend, validate)
 
 
 def _backward(ctx, grad_out, *_unused):
     q, k, v, ridge, eta, lse = ctx.saved_tensors
     dq, dk, dv, dridge = _backward_op(grad_out, q, k, v, ridge, eta, lse, *ctx.options)
-    return dq, dk, dv, dridge, None, None, None, None
+    return dq, dk, dv, dridge, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -134,12 +193,12 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- checks
 
 
-def _data_checks_enabled() -> bool:
+def _validating(validate: bool) -> bool:
     # Value checks synchronise with the GPU and break torch.compile graphs: skipped while compiling.
-    return not torch.compiler.is_compiling()
+    return validate and not torch.compiler.is_compiling()
 
 
-def _check_tensors(q, k, v, backend: str) -> None:
+def _check_tensors(q, k, v, backend: str, validate: bool) -> None:
     check_qkv(_OP, q, k, v, "(B, T, Hq, D)", _DTYPES)
     batch, num_tokens, num_heads, head_dim = q.shape
     if (k.shape[0], k.shape[1], k.shape[3]) != (batch, num_tokens, head_dim):
@@ -151,6 +210,11 @@ def _check_tensors(q, k, v, backend: str) -> None:
         )
     if backend == "triton":
         kernel = _triton_kernels()
+        if q.dtype == torch.float32 and q.device.type == "cuda":
+            raise TypeError(
+                f"{_OP}: backend 'triton' on a GPU takes fp16/bf16 inputs (its fp32 3xTF32 products spill "
+                "registers); use backend='torch' for fp32, or cast q/k/v to bf16"
+            )
         if q.dtype not in kernel.SUPPORTED_DTYPES:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
@@ -166,7 +230,7 @@ def _check_tensors(q, k, v, backend: str) -> None:
                 f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,}: "
                 "split the batch"
             )
-    if _data_checks_enabled():
+    if _validating(validate):
         # One host synchronisation for the three tensors, not one each.
         finite = torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).tolist()
         for name, ok in zip("qkv", finite):
@@ -174,7 +238,8 @@ def _check_tensors(q, k, v, backend: str) -> None:
                 raise ValueError(f"{_OP}: {name} contains NaN or infinite values")
 
 
-def _ridge_tensor(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _ridge_tensor(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torch.device,
+                  validate: bool) -> torch.Tensor:
     """``ridge_lambda`` (a positive float, or a positive ``(Hq,)`` tensor) as an ``(Hq,)`` tensor."""
     if isinstance(ridge_lambda, torch.Tensor):
         if ridge_lambda.shape != (num_heads,) and ridge_lambda.dim() != 0:
@@ -186,7 +251,7 @@ def _ridge_tensor(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torc
             raise TypeError(f"{_OP}: ridge_lambda must be a floating tensor, got {ridge_lambda.dtype}")
         if ridge_lambda.device != device:
             raise ValueError(f"{_OP}: ridge_lambda is on {ridge_lambda.device} but q is on {device}")
-        if _data_checks_enabled() and not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
+        if _validating(validate) and not bool(((ridge_lambda > 0) & torch.isfinite(ridge_lambda)).all()):
             raise ValueError(f"{_OP}: ridge_lambda must be positive and finite, got {ridge_lambda.tolist()}")
         return ridge_lambda.to(dtype).expand(num_heads).contiguous()
     return torch.full((num_heads,), positive_finite(_OP, "ridge_lambda", ridge_lambda), dtype=dtype, device=device)
@@ -204,6 +269,7 @@ def local_linear_attention(
     max_iterations: int | None = None,
     backend: str = "auto",
     return_solver_stats: bool = False,
+    validate: bool = False,
 ):
     """Causal local linear attention (LLA): per query, the intercept of a softmax-weighted local
     linear ridge regression of values on keys centred at the query.
@@ -233,10 +299,19 @@ def local_linear_attention(
             at D=64 (worst query of T=256), about 15 iterations at lambda=1, 50 at 0.1, 110-300 at
             0.01. Reaching the cap with a residual above ``tolerance`` emits a RuntimeWarning
             stating the residual (forward, or the backward's adjoint solve); the result is then the
-            last iterate.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
+            last iterate. Without ``validate`` the warning comes without a host synchronisation:
+            the residual summary is copied to host memory asynchronously and the warning is issued
+            by a later call of this op (or at interpreter exit) once the copy has landed.
+        backend: ``"auto"`` (Triton on CUDA for fp16/bf16, PyTorch otherwise — fp32 on CUDA too;
+            ``PYFASTRL_BACKEND`` overrides),
             ``"torch"`` or ``"triton"``.
         return_solver_stats: also return a ``SolverStats`` (iterations per query block, residuals).
+        validate: check values, at the cost of host synchronisations (default False: the op then
+            never waits for the GPU, and CUDA graphs can capture it): q, k, v free of NaN/inf and a
+            tensor ``ridge_lambda`` positive and finite (ValueError otherwise), and the solves'
+            residuals checked at once (the RuntimeWarning above, forward and backward, in the call
+            itself). Skipped while torch.compile traces. Shapes, dtypes, devices, head dims and
+            float arguments are always checked (no synchronisation needed).
 
     Returns:
         ``(B, T, Hq, D)`` in q's dtype (and the ``SolverStats`` when asked). Differentiable in q,
@@ -244,8 +319,12 @@ def local_linear_attention(
         dependence on q and k through the weights).
     """
     if isinstance(q, torch.Tensor):
+        automatic = backend == "auto" and os.environ.get(BACKEND_ENV, "auto") == "auto"
         backend = resolve_backend(_OP, backend, q.device)
-    _check_tensors(q, k, v, backend)
+        if automatic and backend == "triton" and q.dtype == torch.float32 and q.device.type == "cuda":
+            backend = "torch"  # the compiled kernels take 16-bit inputs (see _check_tensors)
+    _deferred.report()
+    _check_tensors(q, k, v, backend, validate)
     if causal is not True:
         raise ValueError(f"{_OP}: only causal=True is supported (non-causal LLA is not implemented), got {causal!r}")
     batch, num_tokens, num_heads, head_dim = q.shape
@@ -256,12 +335,12 @@ def local_linear_attention(
         max_iterations = 4 * head_dim
     elif not (isinstance(max_iterations, int) and not isinstance(max_iterations, bool) and max_iterations >= 1):
         raise ValueError(f"{_OP}: max_iterations must be an integer >= 1, got {max_iterations!r}")
-    ridge = _ridge_tensor(ridge_lambda, num_heads, accumulation_dtype(q.dtype), q.device)
+    ridge = _ridge_tensor(ridge_lambda, num_heads, accumulation_dtype(q.dtype), q.device, validate)
     if q.numel() == 0:
         backend = "torch"  # nothing to launch
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, _, _, residual, iterations = _forward_op(
-        q, k, v, ridge, float(softmax_scale), float(tolerance), max_iterations, backend)
+        q, k, v, ridge, float(softmax_scale), float(tolerance), max_iterations, backend, bool(validate))
     if return_solver_stats:
         return out, SolverStats(iterations, residual)
     return out
