@@ -27,6 +27,12 @@ def _triton_kernels():
     return kernel
 
 
+def _flash():
+    from pyfastrl.kernels.prefix_attention import flash
+
+    return flash
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -44,6 +50,8 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton_kernels().forward(q, k, v, query_blocks, scale)
+    if backend == "flash":
+        return _flash().forward(q, k, v, query_blocks, scale)
     return reference.forward(q, k, v, query_blocks, scale)
 
 
@@ -71,6 +79,8 @@ def _backward_op(
         grad_out = grad_out.contiguous()
     if backend == "triton":
         return _triton_kernels().backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale)
+    if backend == "flash":
+        return _flash().backward(grad_out, q, k, v, out, lse, query_blocks, scale)
     return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale)
 
 
@@ -166,15 +176,17 @@ def prefix_grouped_attention(
             backend) and device as q. Any strides with a unit-stride head dim are read in place.
         layout: the batch's ``PrefixGroupLayout``, on q's device.
         softmax_scale: score scale; default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
-            ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (see ``pyfastrl._backend``: ``"flash"`` on CPU and, where its kernels
+            take the inputs, on CUDA; else Triton on CUDA; ``PYFASTRL_BACKEND`` overrides),
+            ``"torch"``, ``"triton"`` or ``"flash"`` (FlashAttention-style kernels composed: CUDA
+            fp16/bf16 with head dims multiple of 8 up to 256; CPU fp16/bf16/fp32/fp64).
 
     Returns:
         ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
     """
     # The backend name must be settled before the checks that depend on it.
     if isinstance(q, torch.Tensor):
-        backend = resolve_backend(_OP, backend, q.device)
+        backend = resolve_backend(_OP, backend, q.device, dtype=q.dtype, head_dim=q.shape[-1] if q.dim() else None)
     _check_inputs(q, k, v, layout, backend)
     head_dim = q.shape[2]
     if softmax_scale is None:
