@@ -195,3 +195,18 @@ def test_gpu_auto_follows_the_measured_table(monkeypatch):
     monkeypatch.setitem(FLASH_OR_TRITON, (tile_target(cuda), torch.bfloat16, 128), "triton")
     assert resolve_backend(OP, "auto", cuda, dtype=torch.bfloat16, head_dim=128) == "triton"
     assert resolve_backend(OP, "auto", cuda, dtype=torch.float32, head_dim=128) == "triton"  # flash: fp16/bf16
+
+
+# -- pyfastrl train --compare-grouping ------------------------------------------------------------
+def test_compare_grouping_prints_token_and_time_ratios(tmp_path, capsys):
+    from pyfastrl.cli import main
+
+    assert main(["train", "--compare-grouping", "--max-steps", "2", "--output-dir", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "compared over 2 steps" in printed
+    tokens = printed.split("tokens through the model:")[1].split("\n")[0]
+    assert "6.5" in tokens.split("(")[1]  # the default task's token ratio, about 6.5x
+    assert "faster end to end (median per-step ratio" in printed
+    assert main(["train", "--compare-grouping", "--no-grouping", "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert "leave out --no-grouping" in capsys.readouterr().err
