@@ -210,3 +210,11 @@ def test_compare_grouping_prints_token_and_time_ratios(tmp_path, capsys):
     assert main(["train", "--compare-grouping", "--no-grouping", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "b")]) == 2
     assert "leave out --no-grouping" in capsys.readouterr().err
+
+
+def test_info_reports_the_flash_backend(capsys):
+    from pyfastrl.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "flash   available" in out and "auto    -> " in out.split("prefix_grouped_attention also has:")[1]
