@@ -76,7 +76,7 @@ def test_cpu_bfloat16_close_to_reference():
 def test_cpu_schedule_batches_short_segments_and_equal_prompts():
     layout = PrefixGroupLayout(*FLASH_LAYOUTS["mixed_batches"], device=CPU)
     causal, cross = flash._schedule(layout.query_blocks(None)).cpu_calls()
-    # Padded together: 300 and 200 (>= half the longest), 90 and 70, and every segment <= 64.
+    # Padded together: 300 and 200 (>= half the longest), 90 and 70, and the short rest (<= 16).
     assert [(rows.n, rows.length) for rows in causal] == [(2, 300), (2, 90), (11, 5)]
     # The three groups with a 5-token prompt share one cross call; 300 and 1 have their own.
     assert sorted((queries.n, keys.length) for queries, keys in cross) == [(1, 1), (1, 300), (3, 5)]

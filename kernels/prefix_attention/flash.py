@@ -48,8 +48,8 @@ CUDA_MAX_HEAD_DIM = 256
 # into one call; below it a new batch starts. Measured on a 2-core CPU (fp32, D 16-64): one padded
 # call beats separate calls while the padding adds at most ~4x causal work to short rows.
 _CPU_BATCH_FILL = 0.5
-# Segments this short always share a batch: their cost is the call itself, not the padding.
-_CPU_SHORT_SEGMENT = 64
+# Segments this short share a batch whatever their lengths: their cost is the call, not the padding.
+_CPU_SHORT_SEGMENT = 16
 
 
 # -- the schedule ----------------------------------------------------------------------------------
@@ -308,10 +308,16 @@ def _merge_kernels():
 
 def _cuda_forward(q, k, v, schedule: _Schedule, scale: float):
     cu_all, max_segment, cross_rows, prompt_rows, cu_q, cu_k, max_q, max_k = schedule.varlen()
-    vendor = _VENDORS[cuda_primitive(q.device)]
+    name = cuda_primitive(q.device)
+    vendor = _VENDORS[name]
     out, lse = vendor.forward(q, k, v, cu_all, cu_all, max_segment, max_segment, True, scale)
     cross_out, cross_lse = vendor.forward(q[cross_rows], k[prompt_rows], v[prompt_rows], cu_q, cu_k, max_q, max_k,
                                           False, scale)
+    for got, rows in ((lse, q.shape[0]), (cross_lse, cross_rows.numel())):
+        if tuple(got.shape) != (q.shape[1], rows):  # the packed varlen LSE layout every step relies on
+            raise RuntimeError(f"prefix_grouped_attention: backend 'flash' ({name}) returned a log-sum-exp of shape "
+                               f"{tuple(got.shape)}, expected (heads, tokens) = {(q.shape[1], rows)}: this version "
+                               "of the kernel is not supported; use backend='triton'")
     _merge_kernels().merge_(out, lse, cross_out, cross_lse, cross_rows)
     return out, lse
 
