@@ -73,6 +73,18 @@ def test_cpu_bfloat16_close_to_reference():
     assert_close(got, reference_and_grads(q, k, v, layout, grad_out), atol=6e-2, rtol=2e-2)
 
 
+def test_cpu_compiles_without_graph_breaks():
+    layout = PrefixGroupLayout(*FLASH_LAYOUTS["ragged_many_groups"], device=CPU)
+    q, k, v = make_inputs(layout, 4, 2, 16, torch.float32, device=CPU)
+
+    def loss(q, k, v):
+        return prefix_grouped_attention(q, k, v, layout, backend="flash").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    for a, b in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)), torch.autograd.grad(loss(q, k, v), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_cpu_schedule_batches_short_segments_and_equal_prompts():
     layout = PrefixGroupLayout(*FLASH_LAYOUTS["mixed_batches"], device=CPU)
     causal, cross = flash._schedule(layout.query_blocks(None)).cpu_calls()
