@@ -4,8 +4,10 @@
 
 One prompt of P tokens with G completions of S tokens, bf16, D=128, Hq=32, Hkv=8 (CUDA). Methods,
 side by side on the same random inputs, forward and forward+backward:
-  pyfastrl             prefix_grouped_attention, Triton backend, on the packed batch [P | S_1 .. S_G]
-  pyfastrl_torch       the same op's plain PyTorch backend (per-group SDPA calls)
+  pyfastrl             prefix_grouped_attention on the packed batch [P | S_1 .. S_G]: Triton backend
+                       (CUDA), flash backend (CPU: PyTorch's CPU flash kernel composed)
+  pyfastrl_flash       (CUDA) the flash backend: vendor FlashAttention varlen calls composed
+  pyfastrl_torch       (CUDA) the same op's plain PyTorch backend
   sdpa_repeated        the naive baseline: every completion with its own prompt copy, (G, H, P+S, D),
                        causal SDPA on its FlashAttention backend (on the CPU: SDPA's CPU kernel)
   sdpa_repeated_cudnn  the same batch on SDPA's cuDNN backend
@@ -17,7 +19,9 @@ Repeated and prefix_grouper inputs get K/V expanded to Hq heads beforehand (outs
 Useful work, the same for every method so the baseline's repeated prefix counts as waste: FLOPs
 4*D*Hq per attended pair of the grouped rule forward, 2.5x that backward; bytes: q, k, v read and
 o, lse written once forward, then q, k, v, o, dO, lse read and dq, dk, dv written backward.
-With --cpu: Hq=4, Hkv=2, D=32, fp32, small P/S/G; the CUDA-only methods are skipped.
+With --cpu: fp32, the shapes of issue 20 (groups x prompt x G completions of S/2..S tokens, ragged,
+with their heads / kv heads / head dim) and small ones; the CUDA-only methods are skipped, and the
+speedup column is over one causal SDPA call on the repeated-prompt batch (CPU numbers).
 """
 from __future__ import annotations
 
@@ -32,10 +36,11 @@ from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 NAME = "prefix-attention"
 PLOT = {"x": "P", "series": "G", "baseline": "sdpa_repeated", "ours": "pyfastrl"}
 CUDA_SHAPE = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
-CPU_SHAPE = dict(heads=4, kv_heads=2, head_dim=32, dtype=torch.float32)
 FULL_GRID = [(p, s, g) for p in (1024, 4096) for s in (256, 1024) for g in (4, 16)] + [(4096, 512, 16)]
 QUICK_GRID = [(1024, 256, 4), (4096, 512, 16)]
-CPU_GRID = [(64, 16, 4), (256, 16, 4)]
+# (groups, P, G, S, Hq, Hkv, D): the main job's shape, issue 20's two larger ones, small ones.
+CPU_GRID = [(2, 200, 8, 8, 4, 2, 16), (2, 1024, 8, 256, 8, 2, 64), (4, 512, 16, 128, 8, 2, 64),
+            (1, 64, 4, 16, 4, 2, 32), (2, 128, 8, 32, 4, 2, 32)]
 BACKWARD_FLOP_FACTOR = 2.5
 FLEX_BLOCK = 128
 
@@ -146,15 +151,14 @@ def build_methods(layout: PrefixGroupLayout, *, cuda: bool, flex_compiled: bool 
     def packed(t, heads):
         return t.detach().clone().requires_grad_(t.requires_grad)
 
-    ours_backend = "triton" if cuda else "torch"
-    methods = {
-        "pyfastrl": (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend=ours_backend),
-                     lambda out: out),
-    }
-    skipped = {}
+    def ours(backend):
+        return packed, lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend=backend), lambda out: out
+
+    methods = {"pyfastrl": ours("triton" if cuda else "flash")}
     if cuda:
-        methods["pyfastrl_torch"] = (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, layout, backend="torch"),
-                                     lambda out: out)
+        methods["pyfastrl_flash"] = ours("flash")
+        methods["pyfastrl_torch"] = ours("torch")
+    skipped = {}
 
     # The naive batch: every completion with its own prompt copy, padded to the longest.
     cu = layout.repeated_cu_seqlens.tolist()
@@ -207,14 +211,28 @@ def build_methods(layout: PrefixGroupLayout, *, cuda: bool, flex_compiled: bool 
     return methods, skipped
 
 
+def _cases(runner: harness.Runner):
+    """``(params, layout, Hq, Hkv, D)`` per case of this run's grid."""
+    if not runner.cpu:
+        for prefix, suffix, group in QUICK_GRID if runner.quick else FULL_GRID:
+            layout = PrefixGroupLayout([prefix], [[suffix] * group], device=runner.device)
+            yield ({"P": prefix, "S": suffix, "G": group}, layout,
+                   CUDA_SHAPE["heads"], CUDA_SHAPE["kv_heads"], CUDA_SHAPE["head_dim"])
+        return
+    for groups, prefix, group, suffix, heads, kv_heads, head_dim in CPU_GRID:
+        g = torch.Generator().manual_seed(prefix + group)
+        suffixes = [torch.randint(max(1, suffix // 2), suffix + 1, (group,), generator=g).tolist() for _ in range(groups)]
+        layout = PrefixGroupLayout([prefix] * groups, suffixes, device=runner.device)
+        yield ({"B": groups, "P": prefix, "G": group, "S": suffix, "H": f"{heads}/{kv_heads}", "D": head_dim},
+               layout, heads, kv_heads, head_dim)
+
+
 def run(runner: harness.Runner):
-    shape = CPU_SHAPE if runner.cpu else CUDA_SHAPE
-    heads, kv_heads, head_dim, dtype = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
-    grid = CPU_GRID if runner.cpu else (QUICK_GRID if runner.quick else FULL_GRID)
+    dtype = torch.float32 if runner.cpu else CUDA_SHAPE["dtype"]
+    grid = list(_cases(runner))
     cases = []
-    for index, (prefix, suffix, group) in enumerate(grid):
-        harness.progress(index, len(grid), f"P={prefix} S={suffix} G={group}")
-        layout = PrefixGroupLayout([prefix], [[suffix] * group], device=runner.device)
+    for index, (params, layout, heads, kv_heads, head_dim) in enumerate(grid):
+        harness.progress(index, len(grid), " ".join(f"{k}={v}" for k, v in params.items()))
 
         def make(seed):
             g = torch.Generator(device=runner.device).manual_seed(seed)
@@ -223,7 +241,7 @@ def run(runner: harness.Runner):
 
         packed_sets = runner.input_sets(make)
         methods, skipped = build_methods(layout, cuda=not runner.cpu)
-        case = {"params": {"P": prefix, "S": suffix, "G": group},
+        case = {"params": params,
                 "work": {"tokens_grouped": layout.total_tokens, "tokens_repeated": layout.repeated_tokens,
                          "pairs": layout.attention_pairs, "input_sets": len(packed_sets)},
                 "methods": {}, "skipped": skipped}
@@ -251,7 +269,9 @@ def run(runner: harness.Runner):
             case["methods"][name] = result
             del sets, prepared
         cases.append(case)
-    config = {"dtype": str(dtype).removeprefix("torch."), "Hq": heads, "Hkv": kv_heads, "D": head_dim}
+    config = {"dtype": str(dtype).removeprefix("torch.")}
+    if not runner.cpu:
+        config.update(Hq=CUDA_SHAPE["heads"], Hkv=CUDA_SHAPE["kv_heads"], D=CUDA_SHAPE["head_dim"])
     return config, cases
 
 

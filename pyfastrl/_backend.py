@@ -1,9 +1,17 @@
-"""Backend selection shared by every op.
+"""Backend selection shared by every op: the one place that decides what ``"auto"`` means.
 
-Every op has a ``"torch"`` backend (plain PyTorch: the reference and the CPU path) and a
-``"triton"`` backend (fused kernels). ``backend="auto"`` picks Triton for CUDA tensors and PyTorch
-otherwise; the environment variable ``PYFASTRL_BACKEND`` (``torch`` | ``triton`` | ``auto``)
-overrides ``"auto"`` for every op, e.g. to force the kernels through Triton's CPU interpreter.
+Every op has a ``"torch"`` backend (plain PyTorch: the reference) and a ``"triton"`` backend (fused
+kernels); ``prefix_grouped_attention`` also has ``"flash"`` (composed from FlashAttention-style
+kernels: the vendor's on CUDA, PyTorch's CPU flash kernel on CPU). ``backend="auto"``:
+
+* ops with a flash backend, plain attention (no soft-capping, no sliding window): ``"flash"`` on
+  CPU (the fast CPU path); on CUDA the entry of ``FLASH_OR_TRITON`` for (architecture, dtype, head
+  dim) when measured, else ``"flash"`` where its kernels take the inputs, else ``"triton"``;
+* otherwise Triton for CUDA tensors and PyTorch on CPU.
+
+The environment variable ``PYFASTRL_BACKEND`` (``torch`` | ``triton`` | ``flash`` | ``auto``)
+overrides ``"auto"`` for every op (``flash`` only for ops that have it), e.g. to force the kernels
+through Triton's CPU interpreter.
 """
 from __future__ import annotations
 
@@ -12,8 +20,14 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flash")
 BACKEND_ENV = "PYFASTRL_BACKEND"
+# Ops that have a "flash" backend.
+FLASH_OPS = ("prefix_grouped_attention",)
+# Measured "flash" or "triton" per (architecture "sm80"/"sm90", dtype, head dim), from
+# `pyfastrl bench prefix-attention` on a lent GPU. Empty until measured: "auto" then takes "flash"
+# wherever its kernels apply.
+FLASH_OR_TRITON: dict[tuple[str, torch.dtype, int], str] = {}
 
 
 def triton_interpreting() -> bool:
@@ -33,11 +47,48 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(op: str, requested: str, device: torch.device) -> str:
-    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"`` or ``"triton"``.
+def flash_unavailable_reason(device: torch.device) -> str | None:
+    """Why the flash backend cannot run on ``device`` (no kernel to call), or None when it can."""
+    from pyfastrl.kernels.prefix_attention import flash
 
-    Raises ValueError for an unknown name and RuntimeError, saying why, when the chosen backend
-    cannot run on ``device``.
+    return flash.primitive_unavailable_reason(device)
+
+
+def _flash_refusal(device, dtype, head_dim, softcap, sliding_window) -> str | None:
+    """Why the flash backend cannot take these inputs and options, or None when it can."""
+    reason = flash_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    if softcap is not None or sliding_window is not None:
+        return "soft-capping and sliding windows are not implemented by the flash composition"
+    if dtype is None:
+        return None
+    from pyfastrl.kernels.prefix_attention import flash
+
+    return flash.unsupported_reason(dtype, head_dim, device)
+
+
+def _auto(op, device, dtype, head_dim, softcap, sliding_window) -> str:
+    triton_ok = device.type == "cuda" and triton_unavailable_reason(device) is None
+    if op in FLASH_OPS and _flash_refusal(device, dtype, head_dim, softcap, sliding_window) is None:
+        if device.type == "cpu" or not triton_ok:
+            return "flash"
+        from pyfastrl.kernels.launch_target import tile_target
+
+        return FLASH_OR_TRITON.get((tile_target(device), dtype, head_dim), "flash")
+    return "triton" if triton_ok else "torch"
+
+
+def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None, softcap: float | None = None,
+                    sliding_window: int | None = None) -> str:
+    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"`` or ``"flash"``.
+
+    ``dtype``, ``head_dim`` and the attention options (``softcap``, ``sliding_window``; None when
+    not asked for) let ``"auto"`` choose the flash backend only where it applies and let an explicit
+    ``"flash"`` be refused with the reason. Raises ValueError for an unknown name or a backend the op
+    does not have or cannot apply to these inputs, and RuntimeError, saying why, when the chosen
+    backend cannot run on ``device``.
     """
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
@@ -47,10 +98,22 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
             raise ValueError(
                 f"{op}: environment variable {BACKEND_ENV} must be one of {BACKENDS}, got {requested!r}"
             )
+        if requested == "flash" and op not in FLASH_OPS:
+            requested = "auto"  # a global override to flash leaves the ops without one on auto
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+        return _auto(op, device, dtype, head_dim, softcap, sliding_window)
     if requested == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+    if requested == "flash":
+        if op not in FLASH_OPS:
+            raise ValueError(f"{op}: has no 'flash' backend; use 'torch', 'triton' or 'auto'")
+        reason = flash_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend 'flash' is not available: {reason}")
+        reason = _flash_refusal(device, dtype, head_dim, softcap, sliding_window)
+        if reason is not None:
+            other = "'torch'" if device.type == "cpu" else "'triton' or 'torch'"
+            raise ValueError(f"{op}: backend 'flash' cannot take these inputs: {reason}; use backend={other}")
     return requested

@@ -125,7 +125,7 @@ _OPS = (
 
 def _info(args) -> int:
     from pyfastrl import __version__
-    from pyfastrl._backend import BACKEND_ENV, triton_unavailable_reason
+    from pyfastrl._backend import BACKEND_ENV, flash_unavailable_reason, resolve_backend, triton_unavailable_reason
 
     print(f"pyfastrl      {__version__}")
     print(f"python        {platform.python_version()}")
@@ -141,6 +141,21 @@ def _info(args) -> int:
     print(f"  triton  {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"  auto    -> {'triton' if cuda and reason is None else 'torch'} here "
           f"(override with {BACKEND_ENV}=torch|triton)")
+    flash_reason = flash_unavailable_reason(device)
+    if flash_reason is None:
+        from pyfastrl.kernels.prefix_attention import flash
+
+        kernel = flash.cuda_primitive(device) if cuda else "PyTorch's CPU flash kernel"
+        where = "fp16/bf16, head dim multiple of 8 up to 256" if cuda else "fp16/bf16/fp32/fp64"
+    print("\nprefix_grouped_attention also has:")
+    print(f"  flash   {'available (' + kernel + '; ' + where + ')' if flash_reason is None else 'unavailable: ' + flash_reason}")
+    try:
+        chosen = resolve_backend("prefix_grouped_attention", "auto", device,
+                                 dtype=torch.bfloat16 if cuda else torch.float32, head_dim=128)
+    except (ValueError, RuntimeError) as error:
+        chosen = f"error: {error}"
+    print(f"  auto    -> {chosen} here for {'bf16' if cuda else 'fp32'}, D=128 without soft-capping or a sliding "
+          f"window (override with {BACKEND_ENV}=flash)")
     return 0
 
 

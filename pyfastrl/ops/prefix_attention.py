@@ -25,6 +25,12 @@ def _triton_kernels():
     return kernel
 
 
+def _flash():
+    from pyfastrl.kernels.prefix_attention import flash
+
+    return flash
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -44,6 +50,8 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton_kernels().forward(q, k, v, query_blocks, scale, softcap, window)
+    if backend == "flash":
+        return _flash().forward(q, k, v, query_blocks, scale)
     return reference.forward(q, k, v, query_blocks, scale, softcap, window)
 
 
@@ -75,6 +83,8 @@ def _backward_op(
         return _triton_kernels().backward(
             grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale, softcap, window
         )
+    if backend == "flash":
+        return _flash().backward(grad_out, q, k, v, out, lse, query_blocks, scale)
     return reference.backward(grad_out, q, k, v, out, lse, query_blocks, scale, softcap, window)
 
 
@@ -143,6 +153,18 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             )
 
 
+def _resolve(requested: str, q: torch.Tensor, softcap, sliding_window) -> str:
+    """The backend that runs: ``resolve_backend``'s choice, except that ``"auto"`` sends inputs the
+    Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to ``"torch"``."""
+    head_dim = q.shape[-1] if q.dim() else None
+    backend = resolve_backend(_OP, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
+                              sliding_window=sliding_window)
+    if (requested == "auto" and backend == "triton" and q.dim() == 3
+            and _triton_kernels().unsupported_reason(q.dtype, head_dim, q.device) is not None):
+        return "torch"
+    return backend
+
+
 def prefix_grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -178,15 +200,19 @@ def prefix_grouped_attention(
             (W keys including itself). Path positions are ``layout.position_ids``: a prompt
             token's index in its prompt, ``P + index`` for a completion token. Keys outside every
             window of a query block are skipped, not masked. Default None (off).
-        backend: ``"auto"`` (Triton on CUDA, PyTorch otherwise; ``PYFASTRL_BACKEND`` overrides),
-            ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (see ``pyfastrl._backend``: ``"flash"`` on CPU and, where its kernels
+            take the inputs, on CUDA; else Triton on CUDA; ``"torch"`` with soft-capping or a
+            sliding window on CPU, and for inputs the Triton kernels refuse; ``PYFASTRL_BACKEND``
+            overrides), ``"torch"``, ``"triton"`` or ``"flash"`` (FlashAttention-style kernels
+            composed: CUDA fp16/bf16 with head dims multiple of 8 up to 256; CPU
+            fp16/bf16/fp32/fp64; no soft-capping or sliding window).
 
     Returns:
         ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
     """
     # The backend name must be settled before the checks that depend on it.
     if isinstance(q, torch.Tensor):
-        backend = resolve_backend(_OP, backend, q.device)
+        backend = _resolve(backend, q, softcap, sliding_window)
     _check_inputs(q, k, v, layout, backend)
     head_dim = q.shape[2]
     scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)

@@ -42,6 +42,10 @@ def add_parser(commands) -> None:
     train.add_argument("--num-generations", type=int, help="completions per prompt (G >= 2)")
     train.add_argument("--no-grouping", action="store_true",
                        help="run the policy on the repeated-prompt batch instead of the prefix-grouped one")
+    train.add_argument("--compare-grouping", action="store_true",
+                       help="train the grouped and the --no-grouping run side by side (interleaved step by step, "
+                       "same model, data and seed) and print the token ratio and the measured time ratio; "
+                       "writes no checkpoints")
     train.add_argument("--distributed", choices=DISTRIBUTED,
                        help="under torchrun --nproc_per_node N: ddp (DistributedDataParallel, a full replica per "
                        "process; the default) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state "
@@ -155,6 +159,10 @@ def run(args) -> int:
               f"{config.num_generations} completions per step over {trainer.world_size} process(es)"
               f"{f' ({config.distributed})' if trainer.world_size > 1 else ''}, device "
               f"{device}, output {config.output_dir}", flush=True)
+    if args.compare_grouping:
+        from pyfastrl.trainer.compare_grouping import run_comparison
+
+        return run_comparison(trainer, rewards, dataset, tokenizer)
     summary = trainer.train(resume_from_checkpoint=args.resume)
     if trainer.rank == 0 and summary:
         _print_summary(summary, config)
