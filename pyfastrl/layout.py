@@ -150,10 +150,10 @@ class PrefixGroupLayout:
         segment_rows[prefix_segment] = repeated_cu[first_member]
         segment_rows[member_segment] = repeated_cu[:-1] + member_prefix
         # All three index maps are runs of consecutive integers: one cumulative sum makes them.
-        sizes = [self.total_tokens, self.total_tokens, self.repeated_tokens]
+        map_sizes = [self.total_tokens, self.total_tokens, self.repeated_tokens]
         self.position_ids, self.packed_to_repeated, self.repeated_index = _ranges(
             torch.cat([segment_positions, segment_rows, piece_sources]),
-            torch.cat([segment_lens, segment_lens, pieces]), sum(sizes)).split(sizes)
+            torch.cat([segment_lens, segment_lens, pieces]), sum(map_sizes)).split(map_sizes)
         self.prefix_starts, self.suffix_starts, self.member_group = prefix_starts, suffix_starts, member_group
         self.repeated_cu_seqlens = repeated_cu
 
