@@ -118,12 +118,13 @@ def _load_model(path: str, device):
 def run(args) -> int:
     import torch
 
+    if args.model is not None or args.dataset is not None or "OMP_NUM_THREADS" in os.environ:
+        return _train(args)
+    # The built-in model's ops are too small to gain from intra-op threads, and on a busy CPU every
+    # parallel region waits for a descheduled thread (2 cores at load ~13: ~9 s per step with 2
+    # threads, ~1.3 s with one). Restored afterwards: tests call this in-process.
     threads = torch.get_num_threads()
-    if args.model is None and args.dataset is None and "OMP_NUM_THREADS" not in os.environ:
-        # The built-in model's ops are too small to gain from intra-op threads, and on a busy CPU
-        # every parallel region waits for a descheduled thread (2 cores at load ~13: ~9 s per step
-        # with 2 threads, ~1.5 s with one). Restored afterwards: tests call this in-process.
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         return _train(args)
     finally:
