@@ -1,6 +1,6 @@
 """The benchmark harness behind ``pyfastrl bench``: how every case file is measured and reported.
 
-A case file (``prefix_attention.py``, ``grpo_loss.py``, ``lla.py``, ``model_step.py``) defines
+A case file (``prefix_attention.py``, ``grpo_loss.py``, ``lla.py``, ``model_step.py``, ``layout.py``) defines
 ``NAME``, ``PLOT`` (``x`` and ``series``: the case parameters its speedup plot uses; ``baseline``:
 the naive method speedups are over; ``ours``: our method; optional ``not_peers``: methods that are
 neither, such as a physical floor) and ``run(runner) -> (config, cases)``, each case
@@ -40,7 +40,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASE_FILES = {"prefix-attention": "prefix_attention", "grpo-loss": "grpo_loss", "lla": "lla",
-              "model-step": "model_step"}
+              "model-step": "model_step", "layout": "layout"}
 # Input sets are rotated until they span this many times the last-level cache (at most MAX_SETS).
 CACHE_MULTIPLE, MAX_SETS = 2, 8
 
@@ -345,7 +345,8 @@ Kernel microbenchmarks, side by side with the peers, in one command.
 cases: prefix-attention (grouped attention vs repeated-prompt SDPA flash/cuDNN, FlexAttention,
 the prefix-grouper package, the torch backend), grpo-loss (fused LM-head loss vs unfused PyTorch,
 Liger-Kernel, the matmul floor), lla (local linear attention vs SDPA flash), model-step (a training
-step of a 0.5B decoder, repeated vs grouped batch); all runs every case.
+step of a 0.5B decoder, repeated vs grouped batch), layout (building PrefixGroupLayout and its block
+tables vs Python loops over tokens); all runs every case.
 
 Needs a CUDA GPU. Without one it says so and exits 0, unless --cpu: the torch backends at small
 sizes, labelled as CPU numbers (they say nothing about kernel speed).

@@ -5,7 +5,8 @@ See ``shared/specs/prefix-grouped-attention.md``. Tokens are packed with no padd
     [ prefix_0 | suffix_0,0 | ... | suffix_0,G0-1 | prefix_1 | suffix_1,0 | ... ]
 
 A layout is built once per batch and passed to every attention layer; the block schedules the
-kernels iterate over are computed from it once and cached on it.
+kernels iterate over are computed from it once and cached on it. Both are tensor arithmetic on the
+layout's device over the per-group and per-member lengths (no Python loop over tokens or members).
 """
 from __future__ import annotations
 
@@ -55,6 +56,31 @@ def _validated(prefix_lens, suffix_lens) -> tuple[tuple[int, ...], tuple[tuple[i
     return prefixes, tuple(suffixes)
 
 
+def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(values, 0) - values
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])``, lengths >= 1 summing to ``total``:
+    steps of 1, and at each range's first element the jump from the previous range's last."""
+    steps = torch.ones(total, dtype=torch.long, device=lengths.device)
+    last = torch.nn.functional.pad(starts + lengths - 1, (1, 0), value=0)[:-1]
+    steps[_exclusive_cumsum(lengths)] = starts - last
+    return torch.cumsum(steps, 0)
+
+
+def _range_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``repeat_interleave(arange(len(lengths)), lengths)``, lengths >= 1 summing to ``total``."""
+    starts = torch.zeros(total, dtype=torch.long, device=lengths.device)
+    starts[_exclusive_cumsum(lengths)[1:]] = 1
+    return torch.cumsum(starts, 0)
+
+
+def _heaviest_first(rows: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``rows`` as int32, most ``work`` first (ties keep their order)."""
+    return rows[torch.argsort(-work, stable=True)].to(torch.int32).contiguous()
+
+
 class PrefixGroupLayout:
     """Where each group's prefix and each member's suffix sit in a packed batch.
 
@@ -85,47 +111,68 @@ class PrefixGroupLayout:
     def __init__(self, prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]], *, device=None):
         self.prefix_lens, self.suffix_lens = _validated(prefix_lens, suffix_lens)
         self.device = torch.device("cpu" if device is None else device)
+        # Everything below is tensor arithmetic on `device`: the B + M lengths go there once, and
+        # every token-level array is a cumulative sum whose size the host knows from the lengths, so
+        # no Python loop runs over tokens or members and nothing is read back from the device.
+        as_long = dict(dtype=torch.long, device=self.device)
+        groups, members = self.num_groups, self.num_members
+        lengths = torch.tensor([*self.prefix_lens, *(s for ss in self.suffix_lens for s in ss), *self.group_sizes],
+                               dtype=torch.long)
+        if self.device.type == "cuda":  # a pinned copy goes over without the host waiting for it
+            lengths = lengths.pin_memory()
+        prefix, suffix, sizes = lengths.to(self.device, non_blocking=True).split([groups, members, groups])
+        member_group = _range_ids(sizes, members)
+        first_member = _exclusive_cumsum(sizes)  # (B,) index of each group's first member
 
-        prefix_starts, suffix_starts, member_group, positions = [], [], [], []
-        repeated_index, repeated_cu, packed_to_repeated = [], [0], []
-        segments = []  # one query segment per prefix and per suffix (see query_blocks)
-        cursor = 0
-        for g, (plen, slens) in enumerate(zip(self.prefix_lens, self.suffix_lens)):
-            p0 = cursor
-            prefix_starts.append(p0)
-            positions.extend(range(plen))
-            segments.append((p0, p0 + plen, p0, p0, p0))
-            # Prefix tokens collapse onto their copy in this group's first member sequence.
-            packed_to_repeated.extend(range(repeated_cu[-1], repeated_cu[-1] + plen))
-            cursor += plen
-            for slen in slens:
-                s0 = cursor
-                suffix_starts.append(s0)
-                member_group.append(g)
-                positions.extend(range(plen, plen + slen))
-                segments.append((s0, s0 + slen, s0, p0, p0 + plen))
-                seq_start = repeated_cu[-1]
-                repeated_index.extend(range(p0, p0 + plen))
-                repeated_index.extend(range(s0, s0 + slen))
-                packed_to_repeated.extend(range(seq_start + plen, seq_start + plen + slen))
-                repeated_cu.append(seq_start + plen + slen)
-                cursor += slen
-        self.total_tokens = cursor
+        # Segments in packed order: each group's prefix, then its members' suffixes.
+        prefix_segment = torch.arange(groups, **as_long) + first_member
+        member_segment = member_group + torch.arange(members, **as_long) + 1
+        segment_lens = torch.empty(groups + members, **as_long)
+        segment_lens[prefix_segment] = prefix
+        segment_lens[member_segment] = suffix
+        segment_starts = _exclusive_cumsum(segment_lens)
+        prefix_starts = segment_starts[prefix_segment]
+        suffix_starts = segment_starts[member_segment]
+        self.total_tokens = sum(self.prefix_lens) + sum(sum(s) for s in self.suffix_lens)
         # Longest P_g + S_gi (a repeated-layout sequence); read by every layer's sliding-window check.
         self.longest_sequence = max(p + max(ss) for p, ss in zip(self.prefix_lens, self.suffix_lens))
-        self._segments = segments
-        self._group_ends = {}  # packed start of a prefix -> end of its group (all of its suffixes)
-        for g, p0 in enumerate(prefix_starts):
-            self._group_ends[p0] = p0 + self.prefix_lens[g] + sum(self.suffix_lens[g])
 
-        as_long = dict(dtype=torch.long, device=self.device)
-        self.position_ids = torch.tensor(positions, **as_long)
-        self.prefix_starts = torch.tensor(prefix_starts, **as_long)
-        self.suffix_starts = torch.tensor(suffix_starts, **as_long)
-        self.member_group = torch.tensor(member_group, **as_long)
-        self.repeated_index = torch.tensor(repeated_index, **as_long)
-        self.repeated_cu_seqlens = torch.tensor(repeated_cu, **as_long)
-        self.packed_to_repeated = torch.tensor(packed_to_repeated, **as_long)
+        # The repeated layout, member by member [prefix_g ; suffix_gi]: 2M pieces.
+        member_prefix = prefix[member_group]
+        repeated_cu = torch.nn.functional.pad(torch.cumsum(member_prefix + suffix, 0), (1, 0))
+        pieces = torch.stack([member_prefix, suffix], 1).flatten()
+        piece_sources = torch.stack([prefix_starts[member_group], suffix_starts], 1).flatten()
+        # Per packed segment: the position of its first token and the repeated-layout row it collapses
+        # onto (prefix tokens: their copy in the group's first member sequence).
+        segment_positions = torch.zeros_like(segment_lens)
+        segment_positions[member_segment] = member_prefix
+        segment_rows = torch.empty_like(segment_lens)
+        segment_rows[prefix_segment] = repeated_cu[first_member]
+        segment_rows[member_segment] = repeated_cu[:-1] + member_prefix
+        # All three index maps are runs of consecutive integers: one cumulative sum makes them.
+        map_sizes = [self.total_tokens, self.total_tokens, self.repeated_tokens]
+        self.position_ids, self.packed_to_repeated, self.repeated_index = _ranges(
+            torch.cat([segment_positions, segment_rows, piece_sources]),
+            torch.cat([segment_lens, segment_lens, pieces]), sum(map_sizes)).split(map_sizes)
+        self.prefix_starts, self.suffix_starts, self.member_group = prefix_starts, suffix_starts, member_group
+        self.repeated_cu_seqlens = repeated_cu
+
+        # One query segment per prefix and per suffix, [q_start, q_end, causal_start, full_start,
+        # full_end] (see query_blocks), and the end of the queries that read each segment's keys
+        # (a prefix: the end of its group, all of its suffixes; a suffix: its own end).
+        segment_ends = segment_starts + segment_lens
+        full_starts = segment_starts.clone()
+        full_starts[member_segment] = prefix_starts[member_group]
+        full_ends = segment_starts.clone()
+        full_ends[member_segment] = prefix_starts[member_group] + member_prefix
+        self._segments = torch.stack([segment_starts, segment_ends, segment_starts, full_starts, full_ends], 1)
+        self._key_query_ends = segment_ends.clone()
+        self._key_query_ends[prefix_segment] = torch.nn.functional.pad(prefix_starts[1:], (0, 1),
+                                                                       value=self.total_tokens)
+        # The segment lengths, and their host copy: how many rows a block table gets, read without a sync.
+        self._segment_lens = segment_lens
+        self._segment_lens_host = torch.tensor(
+            [n for p, ss in zip(self.prefix_lens, self.suffix_lens) for n in (p, *ss)], dtype=torch.long)
         self.device = self.position_ids.device  # "cuda" -> "cuda:N", comparable with tensors' devices
         self._query_blocks: dict[int | None, torch.Tensor] = {}
         self._key_blocks: dict[int, torch.Tensor] = {}
@@ -176,12 +223,14 @@ class PrefixGroupLayout:
         """
         table = self._query_blocks.get(block_m)
         if table is None:
-            rows = []
-            for q0, q1, c0, f0, f1 in self._segments:
-                step = (q1 - q0) if block_m is None else block_m
-                rows.extend((b, min(b + step, q1), c0, f0, f1) for b in range(q0, q1, step))
-            rows.sort(key=lambda r: (r[4] - r[3]) + (r[1] - r[2]), reverse=True)
-            table = torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(-1, QUERY_BLOCK_COLUMNS)
+            if block_m is None:
+                rows = self._segments
+            else:
+                rows, offsets = self._blocks(block_m)
+                rows[:, 0] += offsets
+                rows[:, 1] = torch.minimum(rows[:, 0] + block_m, rows[:, 1])
+            work = (rows[:, 4] - rows[:, 3]) + (rows[:, 1] - rows[:, 2])
+            table = _heaviest_first(rows, work)
             self._query_blocks[block_m] = table
         return table
 
@@ -196,14 +245,21 @@ class PrefixGroupLayout:
         """
         table = self._key_blocks.get(block_n)
         if table is None:
-            rows = []
-            for q0, q1, _, f0, f1 in self._segments:
-                q_end = self._group_ends[q0] if f0 == f1 else q1
-                rows.extend((b, min(b + block_n, q1), q_end) for b in range(q0, q1, block_n))
-            rows.sort(key=lambda r: r[2] - r[0], reverse=True)
-            table = torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(-1, KEY_BLOCK_COLUMNS)
+            segments, offsets = self._blocks(block_n, self._key_query_ends[:, None])
+            starts = segments[:, 0] + offsets
+            rows = torch.stack([starts, torch.minimum(starts + block_n, segments[:, 1]), segments[:, 5]], 1)
+            table = _heaviest_first(rows, rows[:, 2] - rows[:, 0])
             self._key_blocks[block_n] = table
         return table
+
+    def _blocks(self, block: int, *extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each segment's row (with ``extra`` columns) repeated once per ``block``-sized piece of it,
+        segment by segment, and each piece's offset from its segment's start."""
+        block = _as_length(block, "block size")
+        total = int(((self._segment_lens_host + block - 1) // block).sum())
+        counts = (self._segment_lens + block - 1) // block
+        rows = torch.cat([self._segments, *extra], 1)[_range_ids(counts, total)]
+        return rows, _ranges(torch.zeros_like(counts), counts, total) * block
 
     # -- conveniences --------------------------------------------------------------------------
     def to(self, device) -> "PrefixGroupLayout":

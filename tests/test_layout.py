@@ -1,9 +1,38 @@
+import importlib
+import pathlib
+import random
+import sys
+
 import pytest
 import torch
 
 from pyfastrl import PrefixGroupLayout
 
 RAGGED = ([5, 17, 1, 9], [[3, 9], [1, 20, 4], [6], [2, 2, 2, 2, 2]])
+TENSORS = ("position_ids", "prefix_starts", "suffix_starts", "member_group", "repeated_index",
+           "repeated_cu_seqlens", "packed_to_repeated")
+
+
+def python_loop_layout():
+    """The loop-per-token implementation the layout had before tensor ops (the layout benchmark's
+    baseline, benchmarks/layout.py): the reference every table must equal exactly."""
+    benchmarks = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    return importlib.import_module("layout").PythonLoopLayout
+
+
+def random_layouts(count: int, seed: int = 0):
+    """Ragged layouts: 1..6 groups, groups of one member, 1-token prompts and completions, long ones."""
+    rng = random.Random(seed)
+
+    def length():
+        return rng.choice([1, 1, 2, rng.randint(1, 9), rng.randint(1, 70), rng.randint(100, 300)])
+
+    for _ in range(count):
+        groups = rng.randint(1, 6)
+        yield ([length() for _ in range(groups)],
+               [[length() for _ in range(rng.choice([1, 1, 2, rng.randint(1, 9)]))] for _ in range(groups)])
 
 
 def allowed_pairs(layout: PrefixGroupLayout) -> torch.Tensor:
@@ -130,3 +159,49 @@ def test_accepts_tensors_and_numpy_integers():
 
     layout = PrefixGroupLayout(torch.tensor([3, 2]), [torch.tensor([1, 2]), [np.int64(4)]])
     assert layout.total_tokens == 3 + 1 + 2 + 2 + 4
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
+    assert got.dtype == want.dtype and got.shape == want.shape and got.device == want.device, what
+    assert torch.equal(got, want), what
+
+
+def test_tables_equal_the_python_loop_reference_on_random_ragged_layouts():
+    reference_class = python_loop_layout()
+    for prefix_lens, suffix_lens in [RAGGED, ([1], [[1]]), ([3], [[1]]), ([1], [[1] * 7])] + list(random_layouts(150)):
+        what = f"{prefix_lens} {suffix_lens}"
+        layout, reference = PrefixGroupLayout(prefix_lens, suffix_lens), reference_class(prefix_lens, suffix_lens)
+        assert (layout.total_tokens, layout.longest_sequence) == (reference.total_tokens, reference.longest_sequence)
+        assert layout.repeated_tokens == reference.repeated_index.numel()
+        for name in TENSORS:
+            assert_same(getattr(layout, name), getattr(reference, name), f"{name} of {what}")
+        for block in (None, 1, 2, 3, 16, 64, 128):
+            assert_same(layout.query_blocks(block), reference.query_blocks(block), f"query_blocks({block}) of {what}")
+        for block in (1, 2, 3, 16, 64, 128):
+            assert_same(layout.key_blocks(block), reference.key_blocks(block), f"key_blocks({block}) of {what}")
+
+
+@pytest.mark.parametrize("block", [0, -4, 2.0, True])
+def test_block_sizes_must_be_positive_integers(block):
+    layout = PrefixGroupLayout(*RAGGED)
+    with pytest.raises(ValueError, match="block size must be an integer >= 1"):
+        layout.query_blocks(block)
+    with pytest.raises(ValueError, match="block size must be an integer >= 1"):
+        layout.key_blocks(block)
+
+
+@pytest.mark.gpu
+def test_built_on_the_gpu_without_reading_back_and_equal_to_the_reference():
+    prefix_lens, suffix_lens = [300, 7, 1], [[5, 90, 1], [2], [64, 64]]
+    layout = PrefixGroupLayout(prefix_lens, suffix_lens)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = layout.to("cuda")
+        tables = on_gpu.query_blocks(128), on_gpu.key_blocks(64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in TENSORS:
+        assert_same(getattr(on_gpu, name).cpu(), getattr(layout, name), name)
+    assert_same(tables[0].cpu(), layout.query_blocks(128), "query_blocks")
+    assert_same(tables[1].cpu(), layout.key_blocks(64), "key_blocks")

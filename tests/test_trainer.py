@@ -29,8 +29,9 @@ def test_default_command_trains_and_writes_metrics_plot_and_checkpoint(tmp_path,
     out = tmp_path / "out"
     (tmp_path / "every-step.toml").write_text("logging_steps = 1\n")
     every_step = ["--config", str(tmp_path / "every-step.toml")]
-    assert main(["train", "--output-dir", str(out), "--max-steps", "4", *every_step]) == 0
+    assert main(["train", "--output-dir", str(out), "--max-steps", "4", "--warm-up-steps", "2", *every_step]) == 0
     text = capsys.readouterr().out
+    assert "warm-up: 2 supervised steps" in text
     assert "mean reward: first" in text and "tokens through the model" in text and "x fewer" in text
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -40,8 +41,34 @@ def test_default_command_trains_and_writes_metrics_plot_and_checkpoint(tmp_path,
     assert (out / "metrics.png").stat().st_size > 1000
     assert (out / "checkpoint-4" / "trainer_state.pt").is_file()
     # Nothing already written is overwritten: the same output directory is refused without --resume.
-    assert main(["train", "--output-dir", str(out), "--max-steps", "4", *every_step]) == 2
+    assert main(["train", "--output-dir", str(out), "--max-steps", "4", "--warm-up-steps", "0", *every_step]) == 2
     assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(out), "--warm-up-steps", "-1"]) == 2
+    assert "--warm-up-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_the_default_recipe_warm_up_teaches_the_format_and_grpo_the_answer(tmp_path):
+    """The built-in run's story: the supervised warm-up makes the model answer with one target letter
+    repeated but not the prompt's (reward ~1/4), then GRPO lifts the reward with a bounded KL."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `pyfastrl train` runs the built-in model (see command.run)
+    try:
+        tokenizer = default_task.build_tokenizer()
+        model, dataset = default_task.build_model(tokenizer), default_task.build_dataset()
+        losses = default_task.warm_up(model, tokenizer, dataset)
+        assert len(losses) == default_task.WARM_UP_STEPS and losses[-1] < 0.5 < 4 < losses[0]
+        config = default_task.default_config(output_dir=str(tmp_path / "run"), max_steps=16, progress=False,
+                                             plot=False)
+        trainer = GRPOTrainer(model, default_task.letter_reward, dataset, config, tokenizer)
+        rollout = trainer.generate_rollout(trainer._rows_for_rollout(0))
+        repeated_letter = [len(set(text)) == 1 and text[0] in default_task.TARGET_LETTERS for text in rollout.completions]
+        assert sum(repeated_letter) >= 0.9 * len(repeated_letter)
+        assert 0.1 < float(rollout.rewards.mean()) < 0.5  # the format, not the answer
+        summary = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["final_reward"] > summary["first_reward"] + 0.2, summary
+    assert max(r["kl"] for r in trainer.history) < 1.5
 
 
 def test_parameters_change_and_reward_improves_on_the_default_task(tmp_path):
@@ -187,6 +214,10 @@ def test_local_model_and_dataset_from_the_command_line(tmp_path, capsys):
                  "--reward", "contains", "--config", str(tmp_path / "config.toml"),
                  "--output-dir", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
+    assert "warm-up" not in capsys.readouterr().out  # a given model is trained as it is
+    assert main(["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.jsonl"),
+                 "--warm-up-steps", "5", "--output-dir", str(tmp_path / "out2")]) == 2
+    assert "--warm-up-steps is for the built-in default" in capsys.readouterr().err
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
 
@@ -200,7 +231,8 @@ def _torchrun(output_dir, *flags):
     config = output_dir.parent / f"{output_dir.name}.toml"
     config.write_text("save_steps = 1\nlogging_steps = 1\nprogress = false\nplot = false\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pyfastrl.cli", "train",
-               "--output-dir", str(output_dir), "--max-steps", "3", "--config", str(config), "--device", "cpu", *flags]
+               "--output-dir", str(output_dir), "--max-steps", "3", "--warm-up-steps", "2", "--config", str(config),
+               "--device", "cpu", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
