@@ -207,6 +207,7 @@ def summarise(rows: list[dict], refused: dict) -> dict:
         "launches_with_non_tensor_core_dots": failing("tensor-core"),
         "missed_wgmma_dots": sum(1 for r in rows for v in r["violations"] + r["excepted"] if v["rule"] == "wgmma"),
         "refused_configs": len(refused),
+        "compile_cpu_seconds": round(sum(row["cpu_seconds"] for row in rows), 1),
     }
 
 

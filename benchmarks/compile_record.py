@@ -257,12 +257,11 @@ def _selective_logprobs(dtype):
 
 def _loss_variants():
     """(loss type, level, KL estimator or None, delta, in --quick): every loss type at both levels
-    with KL k3; without KL, every other KL estimator and the two-sided clip with grpo, each at
-    both levels."""
+    with KL k3; no KL and the other KL estimators at token level (the KL term does not depend on
+    the level); the two-sided clip at both levels."""
     variants = [(loss, level, "k3", None, loss in ("dapo", "cispo"))
                 for loss in LOSS_TYPES for level in IMPORTANCE_SAMPLING_LEVELS]
-    variants += [("grpo", level, kl, None, False) for level in IMPORTANCE_SAMPLING_LEVELS
-                 for kl in (None, *(k for k in KL_ESTIMATORS if k != "k3"))]
+    variants += [("grpo", "token", kl, None, False) for kl in (None, *(k for k in KL_ESTIMATORS if k != "k3"))]
     variants += [("grpo", level, "k3", 4.0, True) for level in IMPORTANCE_SAMPLING_LEVELS]
     return variants
 
