@@ -168,20 +168,39 @@ def _environment(**values):
                 os.environ[name] = value
 
 
-def compile_all(tasks: list[tuple], jobs: int, progress=print) -> list[dict]:
+def _pool(jobs: int):
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=compile_inspect.worker_init)
+
+
+def compile_all(tasks: list[tuple], jobs: int, progress=print, labels=None) -> list[dict]:
     """``compile_inspect.compile_launch`` over ``tasks`` in ``jobs`` worker processes (spawned, with
-    Triton's JIT), in the order given; progress printed as they finish."""
+    Triton's JIT), results in the order given; progress printed as they finish. A compile that kills
+    its process (a compiler abort) breaks the pool: the unfinished tasks then run one process each,
+    and the one that dies is recorded as a compile error."""
     results: list[dict | None] = [None] * len(tasks)
-    context = multiprocessing.get_context("spawn")
-    with _environment(TRITON_INTERPRET="0"), concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=compile_inspect.worker_init) as pool:
-        futures = {pool.submit(compile_inspect.compile_launch, task): i for i, task in enumerate(tasks)}
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            i = futures[future]
-            results[i] = future.result()
-            status = "compile error" if "error" in results[i] else f"{results[i]['registers']} regs"
-            progress(f"[{done:>3}/{len(tasks)}] {tasks[i][3]} {kernel_label(tasks[i][0])}: {status} "
-                     f"({results[i]['seconds']:.1f} s)", flush=True)
+    labels = labels or [f"{task[3]} {kernel_label(task[0])}" for task in tasks]
+    done = 0
+
+    def finish(i, result):
+        nonlocal done
+        results[i], done = result, done + 1
+        status = "compile error" if "error" in result else (
+            f"{result['registers']} regs, {result['stack'] + result['local']} B spill")
+        progress(f"[{done:>3}/{len(tasks)}] {labels[i]}: {status} ({result['seconds']:.1f} s)", flush=True)
+
+    with _environment(TRITON_INTERPRET="0"):
+        with _pool(jobs) as pool:
+            futures = {pool.submit(compile_inspect.compile_launch, task): i for i, task in enumerate(tasks)}
+            for future in concurrent.futures.as_completed(futures):
+                if future.exception() is None:
+                    finish(futures[future], future.result())
+        for i in [i for i, result in enumerate(results) if result is None]:
+            with _pool(1) as pool:
+                try:
+                    finish(i, pool.submit(compile_inspect.compile_launch, tasks[i]).result())
+                except concurrent.futures.process.BrokenProcessPool as error:
+                    finish(i, {"error": f"the compiler process died: {error}", "seconds": 0.0, "cpu_seconds": 0.0})
     return results
 
 
@@ -259,7 +278,9 @@ def run(targets=("sm80", "sm90"), quick=False, jobs=None, only=None, out=DEFAULT
     recorded_s = time.perf_counter() - started
     jobs = jobs or os.cpu_count() or 1
     progress(f"compiling {len(tasks)} distinct launches in {jobs} processes ...", flush=True)
-    results = compile_all(tasks, jobs, progress)
+    labels = [f"{target} {kernel_label(launch.kernel)} ({used_by[0]}{' ...' if len(used_by) > 1 else ''})"
+              for launch, target, used_by in launches]
+    results = compile_all(tasks, jobs, progress, labels)
     rows = [evaluate(launch, target, result, used_by)
             for (launch, target, used_by), result in zip(launches, results)]
     rows.sort(key=lambda r: (r["kernel"], r["config"], r["target"]))

@@ -152,18 +152,8 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def compile_launch(task: tuple) -> dict:
-    """``task = (kernel, params, options, target)``; returns the measurements, or ``{"error": ...}``
-    with the compiler's message (last lines). Both carry ``seconds`` (wall) and ``cpu_seconds``."""
-    kernel, params, options, target = task
-    started, cpu_started = time.perf_counter(), _cpu_seconds()
-    try:
-        compiled = _compiled(kernel, params, options, ARCHES[target])
-    except Exception as error:  # noqa: BLE001 - every compiler failure is a finding, reported as such
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        message = f"{type(error).__name__}: " + " | ".join(lines[-6:])
-        return {"error": message[-1500:], "seconds": time.perf_counter() - started,
-                "cpu_seconds": _cpu_seconds() - cpu_started}
+def _measure(compiled) -> dict:
+    """Resources, SASS counts and dots of a compiled kernel."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as f:
@@ -172,19 +162,29 @@ def compile_launch(task: tuple) -> dict:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
     resources = parse_resource_usage(usage)
-    metadata = compiled.metadata
     return {
         "registers": resources["reg"],
         "stack": resources["stack"],
         "local": resources["local"],
-        "shared": resources["shared"] + metadata.shared,
-        "num_warps": metadata.num_warps,
-        "num_stages": metadata.num_stages,
+        "shared": resources["shared"] + compiled.metadata.shared,
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
         "sass": count_sass(sass),
         "dots": parse_dots(compiled.asm["ttgir"]),
-        "seconds": time.perf_counter() - started,
-        "cpu_seconds": _cpu_seconds() - cpu_started,
     }
+
+
+def compile_launch(task: tuple) -> dict:
+    """``task = (kernel, params, options, target)``; returns the measurements, or ``{"error": ...}``
+    with the compiler's message (last lines). Both carry ``seconds`` (wall) and ``cpu_seconds``."""
+    kernel, params, options, target = task
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    try:
+        result = _measure(_compiled(kernel, params, options, ARCHES[target]))
+    except Exception as error:  # noqa: BLE001 - every compiler failure is a finding, reported as such
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        result = {"error": (f"{type(error).__name__}: " + " | ".join(lines[-6:]))[-1500:]}
+    return {**result, "seconds": time.perf_counter() - started, "cpu_seconds": _cpu_seconds() - cpu_started}
 
 
 def worker_init() -> None:

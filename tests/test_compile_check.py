@@ -216,8 +216,7 @@ def _tiny(dtype, m, n, k, precision, num_warps, target):
 
 def test_tiny_kernels_compile_and_are_judged(tmp_path, monkeypatch):
     (tmp_path / "tiny_kernels.py").write_text(TINY_KERNELS)
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers start with this process's sys.path
     tasks = [
         _tiny("bfloat16", 64, 64, 64, "tf32", 4, "sm90"),  # clean: wgmma
         _tiny("bfloat16", 64, 64, 64, "tf32", 4, "sm80"),  # clean: mma.sync
@@ -232,3 +231,12 @@ def test_tiny_kernels_compile_and_are_judged(tmp_path, monkeypatch):
     assert _rules("sm80", ["bfloat16"], mma) == [] and mma["sass"]["HMMA"] > 0
     assert _rules("sm80", ["float32"], fma) == ["tensor-core"] and fma["sass"]["HMMA"] == 0
     assert "spill" in _rules("sm80", ["bfloat16"], spill) and spill["stack"] + spill["local"] > 0
+
+
+def test_a_compile_that_kills_its_process_is_a_compile_error(tmp_path, monkeypatch):
+    (tmp_path / "dying_kernels.py").write_text("import os\nos._exit(3)  # as a compiler abort would\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (result,) = compile_check.compile_all([("dying_kernels:kernel", (), (), "sm80")], jobs=1,
+                                          progress=lambda *a, **k: None)
+    assert "process died" in result["error"]
+    assert _rules("sm80", ["bfloat16"], result) == ["compile"]
