@@ -240,3 +240,16 @@ def test_a_compile_that_kills_its_process_is_a_compile_error(tmp_path, monkeypat
                                           progress=lambda *a, **k: None)
     assert "process died" in result["error"]
     assert _rules("sm80", ["bfloat16"], result) == ["compile"]
+
+
+def test_tune_configs_needs_a_gpu_and_says_so(monkeypatch, capsys):
+    import torch
+
+    tune_configs = importlib.import_module("tune_configs")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tune_configs.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    # Every tuned kernel has candidates, each a dict of launch options / inner tiles.
+    for _, _, kernels in tune_configs.OPS.values():
+        for kernel in kernels:
+            assert tune_configs.candidates(kernel) and all(isinstance(c, dict) for c in tune_configs.candidates(kernel))
