@@ -13,7 +13,8 @@ A100 (sm_80) and H100 (sm_90a). Needs no GPU.
    every ``tl.dot``'s engine (``compile_inspect``).
 3. Applies ``RULES`` (minus the justified ``EXCEPTIONS``), prints the table and writes it as
    ``compile_check.md`` and ``compile_check.json`` under ``--out`` (default
-   ``benchmarks/results/compile``). Exits 1 on any violation or refused configuration.
+   ``benchmarks/results/compile``). Exits 1 on any violation or refused configuration (fp32 configurations that the op hands to
+   ``backend='torch'`` on that GPU are listed as routed, by design).
 """
 from __future__ import annotations
 
@@ -266,11 +267,12 @@ def run(targets=("sm80", "sm90"), quick=False, jobs=None, only=None, out=DEFAULT
     started = time.perf_counter()
     configs = [c for c in compile_record.op_configs()
                if (c.quick or not quick) and (only is None or re.search(only, c.name))]
-    tasks, launches, refused = [], [], {}
+    tasks, launches, refused, routed = [], [], {}, {}
     for target in targets:
         progress(f"recording {len(configs)} op configurations for {target} ...", flush=True)
         recorded = compile_record.record(target, configs)
         refused.update({f"{name} ({target})": message for name, message in recorded.refused.items()})
+        routed.update({f"{name} ({target})": message for name, message in recorded.routed.items()})
         for launch, used_by in recorded.launches.values():
             launches.append((launch, target, used_by))
     launches.sort(key=lambda item: -_cost(item[0]))
@@ -291,10 +293,11 @@ def run(targets=("sm80", "sm90"), quick=False, jobs=None, only=None, out=DEFAULT
               f"{len(tasks)} compiles in {summary['total_seconds']} s on {jobs} processes)")
     os.makedirs(out, exist_ok=True)
     report = markdown(rows, summary, refused, header)
+    report += "".join(f"Routed to backend='torch' by design: {name}: {message}\n" for name, message in routed.items())
     with open(os.path.join(out, "compile_check.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "compile_check.json"), "w") as f:
-        json.dump({"summary": summary, "refused": refused, "rows": rows}, f, indent=1)
+        json.dump({"summary": summary, "refused": refused, "routed": routed, "rows": rows}, f, indent=1)
     progress(report, flush=True)
     return {"rows": rows, "summary": summary, "refused": refused}
 
