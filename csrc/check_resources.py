@@ -111,7 +111,8 @@ def _demangle(name: str) -> str:
 def report(kernels: list[KernelResources]) -> str:
     lines = [f"{'arch':<7}{'regs':>5}{'smem B':>8}{'stack B':>8}{'spill B':>8}{'128-bit':>8}  kernel"]
     for k in kernels:
-        name = re.sub(r"\(.*\)$", "", _demangle(k.kernel)).removeprefix("void ")  # template name only
+        # The template instance only: no namespaces, return type or parameter list.
+        name = _demangle(k.kernel).replace("(anonymous namespace)::", "").split("(")[0].split("::")[-1]
         lines.append(f"{k.arch:<7}{k.registers:>5}{k.shared_bytes:>8}{k.stack_bytes:>8}"
                      f"{k.spill_stores + k.spill_loads:>8}{'yes' if k.vector_128 else 'NO':>8}  {k.source}: {name}")
     return "\n".join(lines)
