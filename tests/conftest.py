@@ -14,6 +14,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (compiled Triton kernels, larger sizes)")
+    config.addinivalue_line("markers", "compile: compiles kernels for GPU targets without a GPU (seconds each)")
 
 
 def pytest_collection_modifyitems(config, items):
