@@ -86,7 +86,7 @@ def host_merge(tmp_path_factory):
         pytest.skip("needs nvcc (for the CUDA headers) and g++")
     includes, _ = nvcc_build.toolkit_dirs(NVCC)
     library = tmp_path_factory.mktemp("host_merge") / "libhost_merge.so"
-    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC",
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-shared", "-fPIC",
                     *(f"-I{d}" for d in includes), str(nvcc_build.HOST_CHECK), "-o", str(library)],
                    check=True, capture_output=True, text=True)
     handle = ctypes.CDLL(str(library))
@@ -167,6 +167,16 @@ def test_wrapper_rejects_cpu_tensors():
         merge_cuda.merge_(*merge_inputs(torch.float16, "cpu"))
     with pytest.raises(ValueError, match="dq must be a CUDA tensor"):
         merge_cuda.add_rows_(*add_rows_inputs(torch.float16, "cpu"))
+
+
+def test_info_reports_the_cuda_extension(capsys):
+    from pyfastrl.cli import main
+    from pyfastrl.kernels.prefix_attention import merge_cuda
+
+    assert main(["info"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  cuda "))
+    reason = merge_cuda.unavailable_reason()
+    assert line.split(None, 1)[1] == ("available: flash merges with it" if reason is None else f"unavailable: {reason}")
 
 
 # -- on a GPU, with the extension built --------------------------------------------------------------
