@@ -2,9 +2,64 @@
 
 A plain ``pip install .`` needs no CUDA toolchain: the Triton kernels are Python sources
 (``kernels/``, installed as ``pyfastrl.kernels``) compiled by Triton at first use. The optional
-CUDA extension built from ``csrc/`` will be added here behind an opt-in environment variable.
+CUDA extension ``pyfastrl._cuda`` (``csrc/``) is built only with ``PYFASTRL_BUILD_CUDA=1``: its
+``.cu`` sources go through nvcc (setuptools knows no CUDA; ``csrc/nvcc_build.py`` holds the flags),
+``csrc/bindings.cpp`` through the host compiler with pybind11, linked against the static CUDA runtime.
 """
-from setuptools import setup
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+BUILD_CUDA = os.environ.get("PYFASTRL_BUILD_CUDA", "0") not in ("", "0")
+
+
+def _nvcc_build():
+    spec = importlib.util.spec_from_file_location("nvcc_build", Path(__file__).parent / "csrc" / "nvcc_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildCudaExt(build_ext):
+    """Compiles an extension's ``.cu`` sources with nvcc into objects, then builds the rest as usual."""
+
+    def build_extension(self, ext):
+        import pybind11  # a build requirement only when PYFASTRL_BUILD_CUDA is set (setup_requires)
+
+        nvcc_build = _nvcc_build()
+        nvcc = nvcc_build.find_nvcc()
+        if nvcc is None:
+            raise RuntimeError("PYFASTRL_BUILD_CUDA=1 but nvcc was found neither in $CUDA_HOME/bin nor on PATH")
+        include_dirs, library_dirs = nvcc_build.toolkit_dirs(nvcc)
+        objects = []
+        for source in (s for s in ext.sources if s.endswith(".cu")):
+            target = Path(self.build_temp) / (Path(source).stem + ".o")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            print(f"nvcc {source} -> {target}")
+            nvcc_build.compile_cuda(nvcc, Path(source), target)
+            objects.append(str(target))
+        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        ext.include_dirs = [pybind11.get_include(), "csrc", *include_dirs, *ext.include_dirs]
+        ext.library_dirs = [*library_dirs, *ext.library_dirs]
+        super().build_extension(ext)
+
+
+cuda_extension = dict(
+    ext_modules=[Extension(
+        "pyfastrl._cuda",
+        sources=["csrc/bindings.cpp", "csrc/attention_merge/merge.cu"],
+        # The static runtime: the module needs only the driver (libcuda), not a libcudart of nvcc's version.
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        extra_compile_args=["-std=c++17", "-O3"],
+        language="c++",
+    )],
+    cmdclass={"build_ext": BuildCudaExt},
+    setup_requires=["pybind11>=2.12"],
+) if BUILD_CUDA else {}
 
 setup(
     name="pyfastrl",
@@ -37,4 +92,5 @@ setup(
         "trl": ["trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["pyfastrl=pyfastrl.cli:main"]},
+    **cuda_extension,
 )

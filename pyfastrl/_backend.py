@@ -28,6 +28,19 @@ FLASH_OPS = ("prefix_grouped_attention",)
 # `pyfastrl bench prefix-attention` on a lent GPU. Empty until measured: "auto" then takes "flash"
 # wherever its kernels apply.
 FLASH_OR_TRITON: dict[tuple[str, torch.dtype, int], str] = {}
+# Which kernels merge the flash backend's two partial results on CUDA: "triton", or "cuda" (the
+# optional extension, csrc/attention_merge) once a lent GPU has run its tests and measured it
+# faster. PYFASTRL_FLASH_MERGE=cuda|triton overrides (e.g. to test the extension on a GPU).
+FLASH_MERGE = "triton"
+FLASH_MERGE_ENV = "PYFASTRL_FLASH_MERGE"
+
+
+def flash_merge_kernels() -> str:
+    """``"cuda"`` or ``"triton"``: whose merge kernels the CUDA flash path runs (see FLASH_MERGE)."""
+    choice = os.environ.get(FLASH_MERGE_ENV, FLASH_MERGE)
+    if choice not in ("cuda", "triton"):
+        raise ValueError(f"environment variable {FLASH_MERGE_ENV} must be 'cuda' or 'triton', got {choice!r}")
+    return choice
 
 
 def triton_interpreting() -> bool:

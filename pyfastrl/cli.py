@@ -156,6 +156,11 @@ def _info(args) -> int:
         chosen = f"error: {error}"
     print(f"  auto    -> {chosen} here for {'bf16' if cuda else 'fp32'}, D=128 without soft-capping or a sliding "
           f"window (override with {BACKEND_ENV}=flash)")
+    from pyfastrl.kernels.prefix_attention import merge_cuda
+
+    cuda_reason = merge_cuda.unavailable_reason()
+    print("\nCUDA extension (pyfastrl._cuda: the flash backend's merge kernels; none has run on a GPU yet):")
+    print(f"  cuda    {'available: flash merges with it' if cuda_reason is None else 'unavailable: ' + cuda_reason}")
     return 0
 
 

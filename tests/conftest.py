@@ -14,8 +14,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (compiled Triton kernels, larger sizes)")
-    config.addinivalue_line("markers", "compile: the compile check of every kernel launch for sm_80/sm_90a "
-                            "(benchmarks/compile_check.py; minutes on 2 cores, no GPU needed)")
+    config.addinivalue_line("markers", "compile: compiles kernels for sm_80/sm_90a without a GPU and checks their "
+                            "resources (benchmarks/compile_check.py, csrc/check_resources.py)")
 
 
 def pytest_collection_modifyitems(config, items):

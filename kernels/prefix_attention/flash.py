@@ -20,7 +20,8 @@ Primitives (see ``primitive_unavailable_reason``):
 * CUDA, varlen (one causal call over all segments, one cross call over all groups): FlashAttention-3
   (``flash_attn_interface``) on sm_90 when importable, else FlashAttention-2 (``flash_attn``) when
   installed, else PyTorch's built-in FlashAttention-2 (``torch.ops.aten._flash_attention_forward``).
-  fp16/bf16. The merge and the gradient accumulation are one Triton kernel each (``merge.py``).
+  fp16/bf16. The merge and the gradient accumulation are one kernel each: the CUDA extension's
+  (``merge_cuda.py``) when it is built, else Triton's (``merge.py``).
 * CPU: PyTorch's CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu`` and its
   backward), which takes ``(B, H, L, D)`` batches, not varlen: a segment or a group's cross call
   that has a batch of its own reads ``q/k/v`` in place (strided views); short segments of similar
@@ -38,6 +39,8 @@ import importlib.util
 import weakref
 
 import torch
+
+from pyfastrl._backend import flash_merge_kernels
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -300,6 +303,16 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # -- CUDA ------------------------------------------------------------------------------------------
 def _merge_kernels():
+    """The merge / gradient-accumulation kernels of the CUDA path, as ``pyfastrl._backend``'s
+    ``flash_merge_kernels()`` chooses: the CUDA extension's (``merge_cuda``, an error saying why
+    when it cannot run) or Triton's (``merge``); both modules have the same functions."""
+    if flash_merge_kernels() == "cuda":
+        from pyfastrl.kernels.prefix_attention import merge_cuda
+
+        reason = merge_cuda.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"prefix_grouped_attention: the CUDA extension's merge was asked for but {reason}")
+        return merge_cuda
     # Imported on first CUDA use: importing Triton is slow, and TRITON_INTERPRET must be set first.
     from pyfastrl.kernels.prefix_attention import merge
 
