@@ -50,7 +50,8 @@ KERNELS = ("_forward_kernel", "_backward_query_kernel", "_backward_key_kernel")
 _INTERPRETER = Tiles(16, 16, 4, 1)
 # (target, kernel, head dim <= 64 or 128[, dtype]) -> Tiles (a dtype entry overrides), chosen from
 # compiles for sm_80 and sm_90a (registers, spill bytes, shared memory, HMMA/HGMMA counts): 16-bit
-# dots on tensor cores, wgmma on sm_90a where the block has 64 rows; at D = 128, 64-row blocks spill.
+# dots on tensor cores, wgmma on sm_90a where the block has 64 rows; at D = 128 64-row blocks spill,
+# and so does the fp16 key kernel's at D = 64 with GQA (REP > 1: 16-72 B). Checked for REP 1 and 4.
 _GPU_TILES = {
     ("sm80", "_forward_kernel", 64): Tiles(64, 32, 8, 2),
     ("sm80", "_forward_kernel", 128): Tiles(32, 32, 8, 2),
@@ -64,7 +65,8 @@ _GPU_TILES = {
     ("sm90", "_backward_query_kernel", 64): Tiles(64, 16, 8, 2),
     ("sm90", "_backward_query_kernel", 64, torch.float16): Tiles(64, 32, 8, 1),
     ("sm90", "_backward_query_kernel", 128): Tiles(32, 16, 8, 2),
-    ("sm90", "_backward_key_kernel", 64): Tiles(64, 16, 8, 2),
+    ("sm90", "_backward_key_kernel", 64): Tiles(64, 16, 4, 2),
+    ("sm90", "_backward_key_kernel", 64, torch.float16): Tiles(32, 32, 8, 1),
     ("sm90", "_backward_key_kernel", 128): Tiles(16, 16, 8, 2),
 }
 
