@@ -220,8 +220,9 @@ def _loss_inputs(dtype, rows=4, length=37):
 
 def _loss_kwargs(loss_type, level, kl, delta, dtype, shape):
     return dict(loss_type=loss_type, importance_sampling_level=level, delta=delta,
-                beta=0.04 if kl else 0.0, kl_estimator=kl or "k3",
-                old_logprobs=(-torch.rand(*shape)).to(dtype), ref_logprobs=(-torch.rand(*shape)).to(dtype))
+                beta=0.04 if kl else 0.0, kl_estimator=kl or "k3", max_completion_length=shape[-1],
+                old_per_token_logps=(-torch.rand(*shape)).to(dtype),
+                ref_per_token_logps=(-torch.rand(*shape)).to(dtype))
 
 
 def _grpo_loss(dtype, loss_type, level, kl, delta):
