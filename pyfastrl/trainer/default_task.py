@@ -71,13 +71,13 @@ def letter_reward(prompts, completions, letter, **_):
 def default_config(**overrides):
     """The built-in run's options: 60 steps of 8 prompts x 8 completions of up to 8 characters, each
     rollout used for 2 optimizer steps (so the clip ratio is live), KL to the initial (warmed-up)
-    model at beta 0.04."""
+    model at beta 0.04, symmetric clipping (epsilon 0.2, as TRL)."""
     from pyfastrl.trainer.config import GRPOConfig
 
     # seed, schedule and logging pinned: GRPOConfig's defaults are TRL's (seed 42, linear decay,
     # logging every 10 steps), and the built-in run logs every step of its constant-rate recipe.
     options = dict(max_steps=60, learning_rate=3e-3, per_device_train_batch_size=16, gradient_accumulation_steps=4,
-                   num_generations=8, num_iterations=2, max_completion_length=8, beta=0.04, epsilon_high=0.28,
+                   num_generations=8, num_iterations=2, max_completion_length=8, beta=0.04,
                    warmup_steps=2, seed=0, lr_scheduler_type="constant", logging_steps=1,
                    output_dir="pyfastrl-output")
     return GRPOConfig(**{**options, **overrides})
