@@ -96,23 +96,22 @@ def _heads_first(t, b, start, end, acc):
     return t[b, start:end].to(acc).transpose(0, 1)
 
 
-def _factorise(matrix, start: int, length: int, rep: int):
-    """Cholesky factors of the ``(Hkv, rep * L, D, D)`` ridge matrices.
+def ridge_cholesky(matrix, where):
+    """Cholesky factors of a batch of ridge matrices ``(..., D, D)``.
 
     A matrix that is not numerically positive definite (lambda below the covariance's float64
-    rounding, about 1e-16 of its largest eigenvalue) is an error naming the op, the head and the
-    remedy. On the CPU it is raised at once (reading ``info`` there waits for no device). On a GPU
-    reading it would synchronise the host on every call, so the failed rows' factors are set to NaN
-    instead: their outputs (and gradients) come out NaN, never a silently wrong number."""
+    rounding, about 1e-16 of its largest eigenvalue) is an error naming the op, the head
+    (``where(index)`` describes the failed matrix's batch index) and the remedy. On the CPU it is
+    raised at once (reading ``info`` there waits for no device). On a GPU reading it would
+    synchronise the host on every call, so the failed factors are set to NaN instead: their outputs
+    (and gradients) come out NaN, never a silently wrong number."""
     factor, info = torch.linalg.cholesky_ex(matrix)
     if matrix.device.type == "cpu":
         failed = info.numpy().nonzero()
         if failed[0].size:
-            kv, row = int(failed[0][0]), int(failed[1][0])
             raise RuntimeError(
-                f"local_linear_attention: the ridge system (C + lambda I) of query head {kv * rep + row // length} "
-                f"at position {start + row % length} is not numerically positive definite (lambda is below "
-                "its float64 rounding); pass a larger ridge_lambda"
+                f"local_linear_attention: the ridge system (C + lambda I) of {where(tuple(int(i[0]) for i in failed))} "
+                "is not numerically positive definite (lambda is below its float64 rounding); pass a larger ridge_lambda"
             )
         return factor
     return torch.where((info > 0)[..., None, None], float("nan"), factor)
@@ -145,7 +144,9 @@ class _Chunk:
             self.p = self.p / self.p.sum(-1, keepdim=True)
         self.kbar = self.p @ self.k
         self.ridge = ridge.to(acc).view(num_kv, self.rep, 1).expand(-1, -1, self.length).reshape(num_kv, -1)
-        self.cholesky = _factorise(self._ridge_matrix(), start, self.length, self.rep)
+        self.cholesky = ridge_cholesky(
+            self._ridge_matrix(),
+            lambda i: f"query head {i[0] * self.rep + i[1] // self.length} at position {start + i[1] % self.length}")
 
     def _ridge_matrix(self):
         """``B_i = sum_j p_ij k_j k_j^T - kbar kbar^T + lambda I`` per row, keys taken in chunks (one
@@ -231,3 +232,52 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float):
             dv[b, :end] += (pa.transpose(1, 2) @ g).transpose(0, 1)
             dridge -= xi_eta.view(num_heads, -1).sum(-1)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dridge.to(accumulation_dtype(q.dtype))
+
+
+# ----------------------------------------------------------------------------- decode (one query per sequence)
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, ridge, scale: float):
+    """The last row of LLA over each sequence's first ``cache_seqlens[b]`` cached tokens.
+
+    ``q (B, Hq, D)``, ``k_cache, v_cache (B, T_max, Hkv, D)``, ``cache_seqlens (B,)`` int (values
+    in 1..T_max; positions at or past the length are masked, whatever they hold), ``ridge (Hq,)``.
+    Returns ``(B, Hq, D)`` in q's dtype. Float64, keys in chunks (memory bounded by
+    ``_CHUNK_ELEMENTS`` whatever T_max is), one Cholesky solve per (sequence, head); no host
+    synchronisation on a GPU.
+    """
+    acc = _COMPUTE_DTYPE
+    batch, num_heads, head_dim = q.shape
+    max_tokens, num_kv = k_cache.shape[1], k_cache.shape[2]
+    rep = num_heads // num_kv
+    query = q.to(acc).view(batch, num_kv, rep, head_dim)
+    positions = torch.arange(max_tokens, device=q.device)
+    valid = positions[None, :] < cache_seqlens.to(q.device)[:, None]  # (B, T_max)
+    step = max(1, _CHUNK_ELEMENTS // (batch * num_heads * head_dim))
+
+    def chunks(cache):
+        """``(j0, (B, Hkv, n, D))`` chunks of a cache in the compute dtype, zero past each length."""
+        for j0 in range(0, max_tokens, step):
+            block = cache[:, j0:j0 + step].to(acc).transpose(1, 2)
+            yield j0, block.masked_fill(~valid[:, None, j0:j0 + step, None], 0)
+
+    scores = torch.cat([query @ keys.transpose(-1, -2) for _, keys in chunks(k_cache)], dim=-1)
+    scores = (scores * scale).masked_fill(~valid[:, None, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, Hkv, rep, T_max)
+    kbar = query.new_zeros(query.shape)
+    second = query.new_zeros(batch, num_kv, rep, head_dim, head_dim)
+    for j0, keys in chunks(k_cache):
+        weights = p[..., j0:j0 + keys.shape[2]]
+        kbar += weights @ keys
+        second += (keys[:, :, None] * weights[..., None]).transpose(-1, -2) @ keys[:, :, None]
+    eye = torch.eye(head_dim, dtype=acc, device=q.device)
+    matrix = second - kbar[..., :, None] * kbar[..., None, :] + ridge.to(acc).view(num_kv, rep, 1, 1) * eye
+    cholesky = ridge_cholesky(matrix, lambda i: f"sequence {i[0]}, query head {i[1] * rep + i[2]} (decode)")
+    eta = torch.cholesky_solve((query - kbar)[..., None], cholesky)[..., 0]
+    out = query.new_zeros(query.shape)
+    shift = (eta * kbar).sum(-1, keepdim=True)
+    for (j0, keys), (_, values) in zip(chunks(k_cache), chunks(v_cache)):
+        weights = p[..., j0:j0 + keys.shape[2]]
+        effective = weights * (1 + eta @ keys.transpose(-1, -2) - shift)  # p_j (1 + eta.(k_j - kbar))
+        out += effective @ values
+    return out.view(batch, num_heads, head_dim).to(q.dtype)
