@@ -26,13 +26,14 @@ from pyfastrl.kernels.local_linear_attention import reference
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
-# (key block, warps) per tile target and padded head dim. The D x D accumulator of the stats kernel
-# holds BLOCK_D^2 fp32 values: 8 warps at D=128 keep it at 64 registers a thread.
-_TILES = {
-    "interpreter": lambda block_d: (16, 1),
-    "sm80": lambda block_d: (64 if block_d <= 64 else 32, 4 if block_d <= 64 else 8),
-    "sm90": lambda block_d: (64 if block_d <= 64 else 32, 4 if block_d <= 64 else 8),
-}
+# (key block, warps) per tile target and padded head dim: the largest key blocks whose sm90 build
+# (triton.compile, cuobjdump -res-usage) uses no stack: 64 registers a thread at D <= 64 (32 keys,
+# 8 warps), 122 at D = 128 (16 keys: the D x D fp32 accumulator alone is 64 registers a thread).
+# Not timed on a GPU.
+def _tiles(target: str, block_d: int) -> tuple[int, int]:
+    if target == "interpreter":
+        return 16, 1
+    return (32 if block_d <= 64 else 16), 8
 
 
 @triton.jit
@@ -134,7 +135,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, scale: float):
     batch, num_heads, head_dim = q.shape
     rep = num_heads // k_cache.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n, warps = _TILES[tile_target(q.device)](block_d)
+    block_n, warps = _tiles(tile_target(q.device), block_d)
     kbar = torch.empty((batch, num_heads, head_dim), dtype=torch.float32, device=q.device)
     cov = torch.empty((batch, num_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
