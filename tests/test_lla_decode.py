@@ -168,3 +168,45 @@ def test_bad_input_is_refused_with_a_clear_error(name):
     error, message = BAD[name]
     with pytest.raises(error, match=message):
         local_linear_attention_decode(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- transformers generate() with a KV cache
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cached_greedy_generation_equals_uncached(name, dtype, monkeypatch):
+    from pyfastrl.integrations import transformers_lla
+    from pyfastrl.integrations.transformers import tiny_model
+
+    model = transformers_lla.enable_local_linear_attention(tiny_model(name, dtype=dtype), ridge_lambda=0.5).eval()
+    decode_calls = []
+
+    def counting_decode(*args, **kwargs):
+        decode_calls.append(args[0].shape)
+        return local_linear_attention_decode(*args, **kwargs)
+
+    monkeypatch.setattr(transformers_lla, "local_linear_attention_decode", counting_decode)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                   attention_mask=torch.ones_like(ids))
+    cached = model.generate(ids, use_cache=True, **options)
+    assert len(decode_calls) == 7 * model.config.num_hidden_layers  # every step after the prefill
+    assert all(shape == (2, model.config.num_attention_heads, model.config.head_dim) for shape in decode_calls)
+    uncached = model.generate(ids, use_cache=False, **options)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    scores = (torch.stack(cached.scores), torch.stack(uncached.scores))
+    assert relative_error(scores[0], scores[1].double()) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_a_chunk_of_queries_against_a_longer_cache_matches_the_full_sequence():
+    """Several new tokens at once after a cached prefix (chunked prefill): each attends to its prefix."""
+    from pyfastrl.integrations import transformers_lla
+    from pyfastrl.integrations.transformers import tiny_model
+
+    model = transformers_lla.enable_local_linear_attention(tiny_model("tiny-llama", dtype=torch.float64)).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    full = model(ids).logits
+    prefix = model(ids[:, :8], use_cache=True)
+    chunk = model(ids[:, 8:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    assert relative_error(chunk, full[:, 8:]) <= 1e-12

@@ -7,16 +7,20 @@
 ``enable_local_linear_attention`` gives every attention layer a ``pyfastrl.nn.LocalLinearAttention``
 (its learnable per-head lambda, saved with the model's state dict as
 ``...self_attn.local_linear_attention.log_ridge``) and switches the model to the attention
-implementation ``"pyfastrl_lla"``, registered with transformers' ``AttentionInterface``. Training and
-full-sequence scoring are supported; a KV cache (incremental decoding) is not: generate with
-``use_cache=False``.
+implementation ``"pyfastrl_lla"``, registered with transformers' ``AttentionInterface``. Training,
+full-sequence scoring and generation with a KV cache (``use_cache=True``, the standard
+``DynamicCache``) are supported: a call whose queries cover all its keys (training, prefill) runs
+``local_linear_attention``; a decode step (fewer queries than cached keys: the attention function
+receives the layer's full key/value states after the cache update) runs
+``local_linear_attention_decode``, each new query over the keys up to its own position. Padding
+masks (left-padded batches) are not supported.
 """
 from __future__ import annotations
 
 import torch
 
-from pyfastrl.integrations.transformers import sdpa_mask_unless_plain_causal
 from pyfastrl.nn import LocalLinearAttention
+from pyfastrl.ops.local_linear_attention_decode import local_linear_attention_decode
 
 ATTN_IMPLEMENTATION = "pyfastrl_lla"
 MODULE_ATTRIBUTE = "local_linear_attention"
@@ -33,13 +37,8 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
         )
     if attention_mask is not None:
         raise NotImplementedError(
-            "pyfastrl_lla: attention masks (padding, or a KV cache) are not supported; pass unpadded rows "
-            "(one sequence per row, or equal lengths) and use_cache=False"
-        )
-    if query.shape[2] != key.shape[2]:
-        raise NotImplementedError(
-            f"pyfastrl_lla: {query.shape[2]} queries against {key.shape[2]} cached keys: incremental decoding "
-            "is not implemented; generate with use_cache=False"
+            "pyfastrl_lla: attention masks (padding) are not supported; pass unpadded rows (one sequence per "
+            "row, or equal lengths)"
         )
     if module.training and dropout > 0:
         raise NotImplementedError("pyfastrl_lla: attention dropout is not supported; set attention_dropout=0")
@@ -47,8 +46,42 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
         if kwargs.get(feature) is not None:
             raise NotImplementedError(f"pyfastrl_lla: {feature}={kwargs[feature]} is not supported")
     # (B, H, L, D) -> (B, L, H, D) views with a unit-stride head dim: read in place.
-    out = lla(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-    return out, None
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    num_queries, num_keys = query.shape[1], key.shape[1]
+    if num_queries == num_keys:
+        return lla(query, key, value), None
+    if num_queries > num_keys:
+        raise ValueError(f"pyfastrl_lla: {num_queries} queries against {num_keys} keys")
+    return _decode(lla, query, key, value), None
+
+
+def _decode(lla: LocalLinearAttention, query, key, value):
+    """Queries that are the last ``L`` of ``S`` cached positions (a KV cache's decode step, ``L = 1``,
+    or a chunk): query ``l`` of row ``b`` attends to the first ``S - L + l + 1`` keys. ``L`` decode
+    problems per row, the cache repeated ``L`` times (no copy for ``L = 1``)."""
+    batch, num_queries, num_heads, head_dim = query.shape
+    num_keys = key.shape[1]
+    if num_queries == 1:
+        key_cache, value_cache = key, value
+    else:
+        key_cache, value_cache = (t[:, None].expand(-1, num_queries, -1, -1, -1).flatten(0, 1) for t in (key, value))
+    lengths = torch.arange(num_keys - num_queries + 1, num_keys + 1, dtype=torch.int32, device=query.device)
+    out = local_linear_attention_decode(
+        query.reshape(batch * num_queries, num_heads, head_dim), key_cache, value_cache, lengths.repeat(batch),
+        ridge_lambda=lla.ridge_lambda.detach(), softmax_scale=lla.softmax_scale, backend=lla.backend)
+    return out.view(batch, num_queries, num_heads, head_dim)
+
+
+def lla_mask(*, attention_mask=None, **kwargs):
+    """Mask entry of ``"pyfastrl_lla"``: None without padding (causality, with or without a cache, is
+    built into the ops), transformers' SDPA mask otherwise (which ``lla_attention_forward`` refuses).
+    Checking a given padding mask for zeros reads one value on the host, as transformers' own SDPA
+    mask does."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
 
 
 def register() -> None:
@@ -57,9 +90,7 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, lla_attention_forward)
-    # Causality is built into the op: a cache-free, padding-free call needs no mask; any other mask
-    # reaches lla_attention_forward, which refuses it.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask_unless_plain_causal)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lla_mask)
 
 
 def _attention_layers(model: torch.nn.Module):
