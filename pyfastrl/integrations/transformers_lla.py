@@ -12,8 +12,10 @@ full-sequence scoring and generation with a KV cache (``use_cache=True``, the st
 ``DynamicCache``) are supported: a call whose queries cover all its keys (training, prefill) runs
 ``local_linear_attention``; a decode step (fewer queries than cached keys: the attention function
 receives the layer's full key/value states after the cache update) runs
-``local_linear_attention_decode``, each new query over the keys up to its own position. Padding
-masks (left-padded batches) are not supported.
+``local_linear_attention_decode``, each new query over the keys up to its own position. Left
+padding (batched generation of unequal prompts, as ``generate()`` pads them) is supported: each row
+is rotated so that its tokens come first and its padding last, which causality then keeps out of
+every real token's output. Other masks (right padding, holes) are refused.
 """
 from __future__ import annotations
 
@@ -35,10 +37,9 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
             f"{type(module).__name__} has no LocalLinearAttention: switch models to 'pyfastrl_lla' with "
             "pyfastrl.integrations.transformers_lla.enable_local_linear_attention(model)"
         )
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() != 1:
         raise NotImplementedError(
-            "pyfastrl_lla: attention masks (padding) are not supported; pass unpadded rows (one sequence per "
-            "row, or equal lengths)"
+            "pyfastrl_lla: attention masks other than left padding (right padding, holes) are not supported"
         )
     if module.training and dropout > 0:
         raise NotImplementedError("pyfastrl_lla: attention dropout is not supported; set attention_dropout=0")
@@ -48,17 +49,32 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
     # (B, H, L, D) -> (B, L, H, D) views with a unit-stride head dim: read in place.
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
     num_queries, num_keys = query.shape[1], key.shape[1]
-    if num_queries == num_keys:
-        return lla(query, key, value), None
     if num_queries > num_keys:
         raise ValueError(f"pyfastrl_lla: {num_queries} queries against {num_keys} keys")
-    return _decode(lla, query, key, value), None
+    padding = attention_mask  # (B,) left-padding lengths (lla_mask), or None
+    if padding is not None:
+        # Rotate each row left by its padding: its tokens first, the padding after them, which
+        # causality keeps out of the tokens' outputs (the decode lengths shrink by the padding).
+        key, value = (_rotate(t, padding) for t in (key, value))
+    if num_queries < num_keys:
+        return _decode(lla, query, key, value, padding), None
+    if padding is None:
+        return lla(query, key, value), None
+    return _rotate(lla(_rotate(query, padding), key, value), -padding), None
 
 
-def _decode(lla: LocalLinearAttention, query, key, value):
+def _rotate(t, shift):
+    """``t (B, L, H, D)`` with row b rotated left by ``shift[b]`` positions."""
+    batch, num, heads, head_dim = t.shape
+    index = (torch.arange(num, device=t.device)[None, :] + shift[:, None]) % num
+    return t.gather(1, index[:, :, None, None].expand(-1, -1, heads, head_dim))
+
+
+def _decode(lla: LocalLinearAttention, query, key, value, padding=None):
     """Queries that are the last ``L`` of ``S`` cached positions (a KV cache's decode step, ``L = 1``,
-    or a chunk): query ``l`` of row ``b`` attends to the first ``S - L + l + 1`` keys. ``L`` decode
-    problems per row, the cache repeated ``L`` times (no copy for ``L = 1``)."""
+    or a chunk): query ``l`` of row ``b`` attends to the first ``S - L + l + 1`` keys (less the row's
+    ``padding``, rotated to the end). ``L`` decode problems per row, the cache repeated ``L`` times (no
+    copy for ``L = 1``)."""
     batch, num_queries, num_heads, head_dim = query.shape
     num_keys = key.shape[1]
     if num_queries == 1:
@@ -66,22 +82,32 @@ def _decode(lla: LocalLinearAttention, query, key, value):
     else:
         key_cache, value_cache = (t[:, None].expand(-1, num_queries, -1, -1, -1).flatten(0, 1) for t in (key, value))
     lengths = torch.arange(num_keys - num_queries + 1, num_keys + 1, dtype=torch.int32, device=query.device)
+    lengths = lengths.repeat(batch, 1)
+    if padding is not None:
+        lengths = lengths - padding[:, None].to(torch.int32)
     out = local_linear_attention_decode(
-        query.reshape(batch * num_queries, num_heads, head_dim), key_cache, value_cache, lengths.repeat(batch),
+        query.reshape(batch * num_queries, num_heads, head_dim), key_cache, value_cache, lengths.flatten(),
         ridge_lambda=lla.ridge_lambda.detach(), softmax_scale=lla.softmax_scale, backend=lla.backend)
     return out.view(batch, num_queries, num_heads, head_dim)
 
 
-def lla_mask(*, attention_mask=None, **kwargs):
-    """Mask entry of ``"pyfastrl_lla"``: None without padding (causality, with or without a cache, is
-    built into the ops), transformers' SDPA mask otherwise (which ``lla_attention_forward`` refuses).
-    Checking a given padding mask for zeros reads one value on the host, as transformers' own SDPA
-    mask does."""
+def lla_mask(*, attention_mask=None, kv_length=None, kv_offset=0, **kwargs):
+    """Mask entry of ``"pyfastrl_lla"``. Causality, with or without a cache, is built into the ops, so
+    no mask is built: None without padding, the ``(B,)`` left-padding lengths for a left-padded 2-D
+    mask, transformers' SDPA mask for anything else (which ``lla_attention_forward`` refuses).
+    Classifying a given mask reads two values on the host, as transformers' own SDPA mask does."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
         return None
-    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+    if attention_mask.dim() == 2 and kv_offset == 0 and kv_length is not None:
+        mask = attention_mask[:, :kv_length].bool()
+        no_padding, left_padding = torch.stack([mask.all(), (mask[:, 1:] >= mask[:, :-1]).all() & mask[:, -1].all()]).tolist()
+        if no_padding:
+            return None
+        if left_padding:
+            return (~mask).sum(-1)
+    return sdpa_mask(attention_mask=attention_mask, kv_length=kv_length, kv_offset=kv_offset, **kwargs)
 
 
 def register() -> None:
