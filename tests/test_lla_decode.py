@@ -247,3 +247,53 @@ def test_masks_other_than_left_padding_are_refused():
     right_padding[1, 4:] = 0
     with pytest.raises(NotImplementedError, match="other than left padding"):
         model(ids, attention_mask=right_padding)
+
+
+# ----------------------------------------------------------------------------- GPU builds
+
+
+_BUILD_SCRIPT = """
+import pathlib, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from pyfastrl.kernels.local_linear_attention import decode
+
+head_dim, out = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+pointers = {"seqlens_ptr": "*i32", "kbar_ptr": "*fp32", "cov_ptr": "*fp32", "lse_ptr": "*fp32", "eta_ptr": "*fp32"}
+block_n, warps = decode._tiles("sm90", head_dim)
+cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+for kernel in (decode._stats_kernel, decode._output_kernel):
+    constants = {"REP": 1, "BLOCK_N": block_n, "BLOCK_D": head_dim}
+    signature = {name: (pointers.get(name, "*bf16") if name.endswith("_ptr") else "fp32" if name == "scale" else "i32")
+                 for name in kernel.arg_names if name not in constants}
+    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    cubin = out / (kernel.__name__ + ".cubin")
+    cubin.write_bytes(compiled.asm["cubin"])
+    print(subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_kernels_build_for_sm90_without_stack(head_dim, tmp_path):
+    """Compiled for sm_90 (no GPU needed; in a process without the interpreter, which replaces the
+    kernels) with the tiles a GPU launch takes: no spills to the stack or local memory."""
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    usage = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(head_dim), str(tmp_path)], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    resources = [line for line in usage.splitlines() if "REG:" in line]
+    assert len(resources) == 2 and all("STACK:0 " in r and "LOCAL:0 " in r for r in resources), usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_compiled_triton_decode_matches_the_torch_backend_on_gpu(head_dim):
+    q, k, v, seqlens = make_cache(batch=4, max_tokens=4096, heads=8, kv_heads=2, head_dim=head_dim,
+                                  dtype=torch.bfloat16, lengths=(4096, 1, 1000, 3001))
+    want = local_linear_attention_decode(q.double(), k.double(), v.double(), seqlens, ridge_lambda=1.0, backend="torch")
+    got = local_linear_attention_decode(q, k, v, seqlens, ridge_lambda=1.0)  # auto: Triton on CUDA
+    assert relative_error(got, want) <= torch.finfo(torch.bfloat16).eps
