@@ -147,6 +147,10 @@ def _bad(name):
         q = q.clone()
         q[0, 0, 0] = float("nan")
         kwargs["validate"] = True
+    elif name == "inf_value_within_length":
+        v = v.clone()
+        v[2, 8, 1, 3] = float("inf")  # the last cached token of sequence 2 (length 9)
+        kwargs["validate"] = True
     return (q, k, v, seqlens), kwargs
 
 
@@ -159,7 +163,14 @@ BAD = {
     "lambda_shape": (ValueError, "ridge_lambda"), "triton_fp64": (TypeError, "backend 'triton' supports"),
     "triton_head_dim": (ValueError, "head dims up to 128"), "length_zero": (ValueError, "1..T_max"),
     "length_past_cache": (ValueError, "1..T_max"), "nan_query": (ValueError, "q contains NaN"),
+    "inf_value_within_length": (ValueError, "v_cache contains NaN or infinite values"),
 }
+
+
+def test_validate_accepts_anything_past_the_lengths():
+    q, k, v, seqlens = make_cache()  # NaN keys and inf values past every length
+    got = local_linear_attention_decode(q, k, v, seqlens, ridge_lambda=1.0, validate=True)
+    assert relative_error(got, expected(q, k, v, seqlens, 1.0)) <= 1e-6
 
 
 @pytest.mark.parametrize("name", list(BAD))

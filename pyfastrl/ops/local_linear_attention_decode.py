@@ -77,16 +77,17 @@ def _check(q, k_cache, v_cache, cache_seqlens, backend: str, validate: bool) -> 
             raise ValueError(f"{_OP}: backend 'triton' supports head dims up to {kernel.MAX_HEAD_DIM}, got "
                              f"D={head_dim}; use backend='torch'")
     if validate and not torch.compiler.is_compiling():
-        # One host synchronisation for every value check.
-        lengths_ok, *finite = torch.stack([((cache_seqlens >= 1) & (cache_seqlens <= k_cache.shape[1])).all(),
-                                           *(torch.isfinite(t).all() for t in (q, k_cache, v_cache))]).tolist()
+        # One host synchronisation for every value check; cache entries past a length are not read.
+        past = torch.arange(k_cache.shape[1], device=q.device)[None, :] >= cache_seqlens[:, None]
+        lengths_ok, *finite = torch.stack([
+            ((cache_seqlens >= 1) & (cache_seqlens <= k_cache.shape[1])).all(), torch.isfinite(q).all(),
+            *((torch.isfinite(t).flatten(2).all(-1) | past).all() for t in (k_cache, v_cache))]).tolist()
         if not lengths_ok:
             raise ValueError(f"{_OP}: cache_seqlens must lie in 1..T_max = 1..{k_cache.shape[1]}, got "
                              f"{cache_seqlens.tolist()}")
         for name, ok in zip(("q", "k_cache", "v_cache"), finite):
             if not ok:
-                raise ValueError(f"{_OP}: {name} contains NaN or infinite values (validate=True checks the whole "
-                                 "cache, past cache_seqlens too)")
+                raise ValueError(f"{_OP}: {name} contains NaN or infinite values (within cache_seqlens)")
 
 
 def _ridge(ridge_lambda, num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -130,7 +131,7 @@ def local_linear_attention_decode(
             ``PYFASTRL_BACKEND`` overrides), ``"torch"`` (float64 arithmetic, exact; any D) or
             ``"triton"`` (D <= 128).
         validate: check values at the cost of one host synchronisation: lengths in 1..T_max and
-            q and the caches free of NaN/inf (ValueError). Without it, shapes, dtypes and devices
+            q and the caches (within the lengths) free of NaN/inf (ValueError). Without it, shapes, dtypes and devices
             are still checked (no synchronisation), and a length outside 1..T_max gives NaN or a
             result over the first T_max tokens.
 
