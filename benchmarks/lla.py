@@ -21,6 +21,15 @@
    solve plus the gradient sweeps); the torch backend's direct solves as in lla_direct_flops.
    Bytes: q, k, v read and o written (forward), then q, k, v, o, dO read and dq, dk, dv written.
    With --cpu: T in {64, 128}, D = 16, 2 heads, fp32; the torch backend against SDPA's CPU kernel.
+3. Decode (GPU only; with --cpu skipped, the reason recorded in the report's config): one generation
+   step for a batch of 8 sequences, 16 heads, bf16, lambda = 1, cache lengths L in {1024, 4096,
+   16384, 32768} (quick: 1024, 16384), D in {64, 128}: ms per step (one new token per sequence) of
+     pyfastrl_decode   local_linear_attention_decode, Triton backend
+     sdpa_decode       softmax attention of the new query over the cache, SDPA (flash)
+   Useful work per cached key and head: softmax 4*D; LLA 12*D + 2*D^2 (scores twice in the stats
+   pass and once in the output pass, kbar, the centred covariance, the effective weights and the
+   output), plus D^3/3 + 2*D^2 per (sequence, head) for the Cholesky solve. Bytes: the K and V caches
+   read once (the LLA kernels read K three times and V once: the fraction of the roofline says so).
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ import sys
 import torch
 
 import harness
-from pyfastrl import local_linear_attention
+from pyfastrl import local_linear_attention, local_linear_attention_decode
 
 NAME = "lla"
 PLOT = {"x": "T", "series": "D", "baseline": "sdpa_softmax", "ours": "pyfastrl"}
@@ -40,6 +49,8 @@ CPU_GRID = [(64, 16), (128, 16)]
 CPU_HEADS = 2
 TORCH_BACKEND_MAX_T = 4096
 BACKWARD_FLOP_FACTOR = 2.5
+DECODE_BATCH = 8
+DECODE_LENGTHS = (1024, 4096, 16384, 32768)
 
 
 def causal_pairs(tokens: int) -> int:
@@ -135,6 +146,52 @@ def build_methods(tokens: int, *, cuda: bool) -> tuple[dict, dict]:
     return methods, skipped
 
 
+def lla_decode_flops(batch: int, cache_length: int, heads: int, head_dim: int) -> float:
+    d = head_dim
+    return batch * heads * (cache_length * (12.0 * d + 2.0 * d * d) + d**3 / 3 + 2.0 * d * d)
+
+
+def decode_cases(runner: harness.Runner) -> list:
+    """Section 3 of the module docstring: one decoding step, LLA against softmax (SDPA flash)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid = [(n, d) for n in ((1024, 16384) if runner.quick else DECODE_LENGTHS) for d in (64, 128)]
+    cases = []
+    for index, (length, head_dim) in enumerate(grid):
+        harness.progress(index, len(grid), f"decode L={length} D={head_dim}")
+
+        def make(seed):
+            g = torch.Generator(device=runner.device).manual_seed(seed)
+            q = torch.randn(DECODE_BATCH, HEADS, head_dim, device=runner.device, generator=g).to(torch.bfloat16)
+            k, v = (torch.randn(DECODE_BATCH, length, HEADS, head_dim, device=runner.device, generator=g)
+                    .to(torch.bfloat16) for _ in range(2))
+            lengths = torch.full((DECODE_BATCH,), length, dtype=torch.int32, device=runner.device)
+            return q, k, v, lengths
+
+        def lla(q, k, v, lengths):
+            return local_linear_attention_decode(q, k, v, lengths, ridge_lambda=RIDGE, backend="triton")
+
+        def softmax(q, k, v, lengths):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], k.transpose(1, 2), v.transpose(1, 2))[:, :, 0]
+
+        sets = runner.input_sets(make)
+        nbytes = 2 * DECODE_BATCH * length * HEADS * head_dim * 2
+        softmax_work = 4.0 * head_dim * HEADS * DECODE_BATCH * length
+        case = {"params": {"decode_L": length, "D": head_dim}, "work": {"input_sets": len(sets)}, "methods": {
+            "pyfastrl_decode": {"fwd": runner.measure(lla, sets, flops=lla_decode_flops(DECODE_BATCH, length, HEADS,
+                                                                                         head_dim), nbytes=nbytes)},
+            "sdpa_decode": {"fwd": runner.measure(softmax, sets, flops=softmax_work, nbytes=nbytes)}}}
+        ours, base = (case["methods"][m]["fwd"].get("ms") for m in ("pyfastrl_decode", "sdpa_decode"))
+        if ours and base:
+            case["lla_decode_over_softmax_decode"] = ours / base
+            print(f"  decode L={length} D={head_dim}: LLA {ours:.3f} ms, softmax {base:.3f} ms per step "
+                  f"({ours / base:.1f}x)", flush=True)
+        cases.append(case)
+    return cases
+
+
 def run(runner: harness.Runner):
     quality = regression_quality()
     print_quality(quality)
@@ -187,7 +244,12 @@ def run(runner: harness.Runner):
               f"LLA bwd / fwd = {ours['fwd_bwd'].get('bwd_over_fwd', float('nan')):.2f}", flush=True)
         cases.append(case)
     config = {"dtype": str(dtype).removeprefix("torch."), "batch": 1, "heads": heads, "ridge_lambda": RIDGE,
-              "tolerance": 1e-5, "regression_quality": quality}
+              "tolerance": 1e-5, "regression_quality": quality, "decode_batch": DECODE_BATCH}
+    if runner.cpu:
+        config["decode_skipped"] = "the decode case times the Triton decode kernel against SDPA flash: GPU only"
+        print(f"decode: skipped ({config['decode_skipped']})")
+    else:
+        cases += decode_cases(runner)
     return config, cases
 
 

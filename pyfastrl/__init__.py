@@ -10,6 +10,7 @@ Public API:
     fused_linear_grpo_loss    -- the same loss from hidden states and the LM head, logits never materialised
     selective_logprobs        -- the fused log-probs (and entropies) alone, for old/reference policies
     local_linear_attention    -- causal local linear attention (LLA), exact gradient incl. the ridge lambda
+    local_linear_attention_decode -- one LLA generation step per sequence over a (ragged) KV cache
     nn.LocalLinearAttention   -- the same as a module with a learnable per-head lambda
 """
 from pyfastrl.layout import PrefixGroupLayout
@@ -17,6 +18,7 @@ from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, selectiv
 from pyfastrl.ops.grpo_advantages import grpo_advantages
 from pyfastrl.ops.grpo_loss import grpo_loss
 from pyfastrl.ops.local_linear_attention import local_linear_attention
+from pyfastrl.ops.local_linear_attention_decode import local_linear_attention_decode
 from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = [
     "fused_linear_grpo_loss",
     "selective_logprobs",
     "local_linear_attention",
+    "local_linear_attention_decode",
     "__version__",
 ]
 

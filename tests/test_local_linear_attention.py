@@ -452,3 +452,29 @@ def test_compiled_triton_matches_the_torch_backend_on_gpu(head_dim, dtype):
     want = op_and_grads(*(t.detach().double().requires_grad_() for t in (q, k, v)), ridge.double(),
                         grad_out.double(), backend="torch")
     assert_close(got, want, TOLERANCE[dtype])
+
+
+# ----------------------------------------------------------------------------- fp32 numerics (torch backend)
+
+
+@pytest.mark.parametrize("tokens, head_dim, ridge_lambda", [(4, 4, 1e-5), (64, 64, 1e-3), (16, 16, 1e-7)])
+def test_torch_backend_is_exact_in_fp32_on_ill_conditioned_keys(tokens, head_dim, ridge_lambda):
+    """Keys x10 with a small lambda: cond(C + lambda I) ~ 1e7, where an fp32 solve from raw moments
+    failed in Cholesky (or lost every digit). The backend computes in float64; fp32 outputs and
+    gradients match the float64 reference of the same (fp32-representable) inputs."""
+    generator = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(1, tokens, heads, head_dim, generator=generator).to(DEVICE) * scale
+               for heads, scale in ((2, 1.0), (1, 10.0), (1, 1.0)))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ridge = torch.full((2,), ridge_lambda, device=DEVICE)
+    grad_out = torch.randn(q.shape, generator=generator).to(DEVICE)
+    got = op_and_grads(q, k, v, ridge, grad_out, backend="torch")
+    want = reference_and_grads(q, k, v, ridge, grad_out, head_dim**-0.5)
+    assert_close(got, want, 1e-4)
+
+
+def test_a_ridge_system_below_float64_rounding_is_an_error_naming_the_head():
+    # Keys 1e6 + noise: the raw second moment cancels to C with an error ~1e-4 > lambda = 1e-8.
+    q, k, v = make_inputs(1, 6, 2, 1, 4, torch.float64)
+    with pytest.raises(RuntimeError, match=r"ridge system .* of query head \d+ at position \d+ .*larger ridge_lambda"):
+        local_linear_attention(q, k.detach() + 1e6, v, ridge_lambda=1e-8, backend="torch")

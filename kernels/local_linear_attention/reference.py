@@ -27,7 +27,8 @@ spec's own variables (rho, mu, Sigma), not in these.
   queries at once (memory T^2 D: tiny inputs only); the tests' float64 ground truth.
 * ``forward`` / ``backward``: the torch backend. Query chunks, a Cholesky solve of ``B_i`` per query
   (exact, no iteration), key chunks for the covariances, so memory is bounded by
-  ``_CHUNK_ELEMENTS`` whatever T is; float64-capable; any head dim.
+  ``_CHUNK_ELEMENTS`` whatever T is; computed in float64 for every input dtype (``_COMPUTE_DTYPE``);
+  any head dim.
 """
 from __future__ import annotations
 
@@ -38,7 +39,17 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved eta and lse (and of the ridge tensor the op passes in)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The torch backend computes in float64 whatever the input dtype: the solve with C + lambda I loses
+# about log10(cond) digits, cond reaching (lambda_max(C) + lambda) / lambda ~ 1e7 on large keys with a
+# small lambda, which fp32 (7 digits) cannot afford. Measured against the float64 reference with fp32
+# inputs and Gaussian keys x10: within 1e-7 relative at T=D=4, lambda=1e-5 and T=D=64, lambda=1e-3
+# (where computing in fp32 failed in Cholesky), within 1e-5 at lambda=1e-6..1e-7. On a CPU float64
+# costs about what fp32 does here (the batched solves dominate, not the GEMMs).
+_COMPUTE_DTYPE = torch.float64
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -85,6 +96,27 @@ def _heads_first(t, b, start, end, acc):
     return t[b, start:end].to(acc).transpose(0, 1)
 
 
+def ridge_cholesky(matrix, where):
+    """Cholesky factors of a batch of ridge matrices ``(..., D, D)``.
+
+    A matrix that is not numerically positive definite (lambda below the covariance's float64
+    rounding, about 1e-16 of its largest eigenvalue) is an error naming the op, the head
+    (``where(index)`` describes the failed matrix's batch index) and the remedy. On the CPU it is
+    raised at once (reading ``info`` there waits for no device). On a GPU reading it would
+    synchronise the host on every call, so the failed factors are set to NaN instead: their outputs
+    (and gradients) come out NaN, never a silently wrong number."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if matrix.device.type == "cpu":
+        failed = info.numpy().nonzero()
+        if failed[0].size:
+            raise RuntimeError(
+                f"local_linear_attention: the ridge system (C + lambda I) of {where(tuple(int(i[0]) for i in failed))} "
+                "is not numerically positive definite (lambda is below its float64 rounding); pass a larger ridge_lambda"
+            )
+        return factor
+    return torch.where((info > 0)[..., None, None], float("nan"), factor)
+
+
 class _Chunk:
     """One query chunk of one batch element: probabilities, means, covariance solve.
 
@@ -93,7 +125,7 @@ class _Chunk:
     """
 
     def __init__(self, q, k, v, ridge, scale, b, start, end, lse=None):
-        acc = accumulation_dtype(q.dtype)
+        acc = _COMPUTE_DTYPE
         num_heads, num_kv = q.shape[2], k.shape[2]
         self.length = end - start
         self.rep = num_heads // num_kv
@@ -106,12 +138,20 @@ class _Chunk:
         scores = scores.masked_fill(future, float("-inf"))
         self.lse = torch.logsumexp(scores, dim=-1) if lse is None else lse
         self.p = torch.exp(scores - self.lse[..., None])
+        if lse is not None:
+            # A saved fp32 lse leaves sum_j p_j off 1 by ~1e-7 |lse|, which the raw moments below
+            # would multiply by |k|^2: renormalise.
+            self.p = self.p / self.p.sum(-1, keepdim=True)
         self.kbar = self.p @ self.k
         self.ridge = ridge.to(acc).view(num_kv, self.rep, 1).expand(-1, -1, self.length).reshape(num_kv, -1)
-        self.cholesky = torch.linalg.cholesky(self._ridge_matrix())
+        self.cholesky = ridge_cholesky(
+            self._ridge_matrix(),
+            lambda i: f"query head {i[0] * self.rep + i[1] // self.length} at position {start + i[1] % self.length}")
 
     def _ridge_matrix(self):
-        """``B_i = sum_j p_ij k_j k_j^T - kbar kbar^T + lambda I`` per row, keys taken in chunks."""
+        """``B_i = sum_j p_ij k_j k_j^T - kbar kbar^T + lambda I`` per row, keys taken in chunks (one
+        GEMM per chunk). The raw second moment cancels to ``C`` with an absolute error of about
+        ``eps |k|^2``: harmless in float64 (``_COMPUTE_DTYPE``) unless lambda is below ~1e-12 |k|^2."""
         num_kv, rows, head_dim = self.q.shape
         second = self.q.new_zeros(num_kv, rows, head_dim * head_dim)
         step = max(1, _CHUNK_ELEMENTS // (num_kv * head_dim * head_dim))
@@ -121,6 +161,10 @@ class _Chunk:
             second += self.p[..., j0:j0 + step] @ outer
         matrix = second.view(num_kv, rows, head_dim, head_dim) - self.kbar[..., :, None] * self.kbar[..., None, :]
         return matrix + self.ridge[..., None, None] * torch.eye(head_dim, dtype=self.q.dtype, device=self.q.device)
+
+    def centred_dot(self, x):
+        """``x_i.(k_j - kbar_i)`` for ``x (Hkv, rows, D)``: ``(Hkv, rows, n)``."""
+        return x @ self.k.transpose(1, 2) - (x * self.kbar).sum(-1, keepdim=True)
 
     def solve(self, rhs):
         return torch.cholesky_solve(rhs.unsqueeze(-1), self.cholesky).squeeze(-1)
@@ -149,8 +193,7 @@ def forward(q, k, v, ridge, scale: float):
         for start, end in _query_chunks(num_tokens, num_heads, head_dim):
             c = _Chunk(q, k, v, ridge, scale, b, start, end)
             eta_c = c.solve(c.q - c.kbar)
-            # o = vbar + sum_j p_j (eta.(k_j - kbar)) v_j, with sum_j p_j (k_j - kbar) = 0.
-            weights = c.p * (1 + eta_c @ c.k.transpose(1, 2) - (eta_c * c.kbar).sum(-1, keepdim=True))
+            weights = c.p * (1 + c.centred_dot(eta_c))  # o = vbar + sum_j p_j (eta.(k_j - kbar)) v_j
             out[b, start:end] = c.to_output_layout(weights @ c.v).to(q.dtype)
             eta[b, start:end] = c.to_output_layout(eta_c)
             lse[b, :, start:end] = c.lse.view(num_heads, -1)
@@ -158,9 +201,10 @@ def forward(q, k, v, ridge, scale: float):
 
 
 def backward(grad_out, q, k, v, ridge, eta, lse, scale: float):
-    """LLA backward (the module docstring's formulas). Returns ``dq, dk, dv`` in the inputs' dtypes
+    """LLA backward (the module docstring's formulas); ``eta`` is recomputed (in float64), not read.
+    Returns ``dq, dk, dv`` in the inputs' dtypes
     and ``dridge (Hq,)`` in the accumulation dtype."""
-    acc = accumulation_dtype(q.dtype)
+    acc = _COMPUTE_DTYPE
     batch, num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -171,12 +215,14 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float):
         for start, end in _query_chunks(num_tokens, num_heads, head_dim):
             c = _Chunk(q, k, v, ridge, scale, b, start, end, lse=lse[b, :, start:end].reshape(num_kv, -1).to(acc))
             g = c.from_output_layout(grad_out[b, start:end], acc)
-            eta_c = c.from_output_layout(eta[b, start:end], acc)
+            # Solved again in float64 rather than read from the saved eta: eta reaches |q - kbar| / lambda,
+            # and its fp32 rounding would cost digits of dk on ill-conditioned keys.
+            eta_c = c.solve(c.q - c.kbar)
             r = g @ c.v.transpose(1, 2)
             rbar = (c.p * r).sum(-1, keepdim=True)
             xi = c.solve((c.p * r) @ c.k - rbar * c.kbar)
-            a = 1 + eta_c @ c.k.transpose(1, 2) - (eta_c * c.kbar).sum(-1, keepdim=True)
-            bcoef = r - rbar - xi @ c.k.transpose(1, 2) + (xi * c.kbar).sum(-1, keepdim=True)
+            a = 1 + c.centred_dot(eta_c)
+            bcoef = r - rbar - c.centred_dot(xi)
             xi_eta = (xi * eta_c).sum(-1)
             ds = c.p * (a * bcoef - (c.ridge * xi_eta)[..., None])
             pa, pb = c.p * a, c.p * bcoef
@@ -185,4 +231,53 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float):
             dk[b, :end] += dk_c.transpose(0, 1)
             dv[b, :end] += (pa.transpose(1, 2) @ g).transpose(0, 1)
             dridge -= xi_eta.view(num_heads, -1).sum(-1)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dridge
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dridge.to(accumulation_dtype(q.dtype))
+
+
+# ----------------------------------------------------------------------------- decode (one query per sequence)
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, ridge, scale: float):
+    """The last row of LLA over each sequence's first ``cache_seqlens[b]`` cached tokens.
+
+    ``q (B, Hq, D)``, ``k_cache, v_cache (B, T_max, Hkv, D)``, ``cache_seqlens (B,)`` int (values
+    in 1..T_max; positions at or past the length are masked, whatever they hold), ``ridge (Hq,)``.
+    Returns ``(B, Hq, D)`` in q's dtype. Float64, keys in chunks (memory bounded by
+    ``_CHUNK_ELEMENTS`` whatever T_max is), one Cholesky solve per (sequence, head); no host
+    synchronisation on a GPU.
+    """
+    acc = _COMPUTE_DTYPE
+    batch, num_heads, head_dim = q.shape
+    max_tokens, num_kv = k_cache.shape[1], k_cache.shape[2]
+    rep = num_heads // num_kv
+    query = q.to(acc).view(batch, num_kv, rep, head_dim)
+    positions = torch.arange(max_tokens, device=q.device)
+    valid = positions[None, :] < cache_seqlens.to(q.device)[:, None]  # (B, T_max)
+    step = max(1, _CHUNK_ELEMENTS // (batch * num_heads * head_dim))
+
+    def chunks(cache):
+        """``(j0, (B, Hkv, n, D))`` chunks of a cache in the compute dtype, zero past each length."""
+        for j0 in range(0, max_tokens, step):
+            block = cache[:, j0:j0 + step].to(acc).transpose(1, 2)
+            yield j0, block.masked_fill(~valid[:, None, j0:j0 + step, None], 0)
+
+    scores = torch.cat([query @ keys.transpose(-1, -2) for _, keys in chunks(k_cache)], dim=-1)
+    scores = (scores * scale).masked_fill(~valid[:, None, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, Hkv, rep, T_max)
+    kbar = query.new_zeros(query.shape)
+    second = query.new_zeros(batch, num_kv, rep, head_dim, head_dim)
+    for j0, keys in chunks(k_cache):
+        weights = p[..., j0:j0 + keys.shape[2]]
+        kbar += weights @ keys
+        second += (keys[:, :, None] * weights[..., None]).transpose(-1, -2) @ keys[:, :, None]
+    eye = torch.eye(head_dim, dtype=acc, device=q.device)
+    matrix = second - kbar[..., :, None] * kbar[..., None, :] + ridge.to(acc).view(num_kv, rep, 1, 1) * eye
+    cholesky = ridge_cholesky(matrix, lambda i: f"sequence {i[0]}, query head {i[1] * rep + i[2]} (decode)")
+    eta = torch.cholesky_solve((query - kbar)[..., None], cholesky)[..., 0]
+    out = query.new_zeros(query.shape)
+    shift = (eta * kbar).sum(-1, keepdim=True)
+    for (j0, keys), (_, values) in zip(chunks(k_cache), chunks(v_cache)):
+        weights = p[..., j0:j0 + keys.shape[2]]
+        effective = weights * (1 + eta @ keys.transpose(-1, -2) - shift)  # p_j (1 + eta.(k_j - kbar))
+        out += effective @ values
+    return out.view(batch, num_heads, head_dim).to(q.dtype)
