@@ -120,6 +120,7 @@ def _version(package: str) -> str:
 
 _OPS = (
     "prefix_grouped_attention", "grpo_loss", "fused_linear_grpo_loss", "selective_logprobs", "local_linear_attention",
+    "local_linear_attention_decode",
 )
 
 

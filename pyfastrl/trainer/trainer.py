@@ -36,6 +36,7 @@ import torch
 
 from pyfastrl import grpo_advantages, selective_logprobs
 from pyfastrl.integrations import transformers as pft
+from pyfastrl.integrations import transformers_lla
 from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from pyfastrl.trainer.config import GRPOConfig
 
@@ -169,6 +170,13 @@ class GRPOTrainer:
         torch.manual_seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
         pft.register()
+        if getattr(model.config, "_attn_implementation", None) == transformers_lla.ATTN_IMPLEMENTATION:
+            # The grouped policy forward is softmax prefix-grouped attention: switching the model to it
+            # would train a different model than the one given, silently.
+            raise ValueError(
+                "GRPOTrainer: the model uses local linear attention ('pyfastrl_lla'), which the trainer's "
+                "prefix-grouped forward does not implement; train it with softmax attention or another trainer"
+            )
         self.model = model.to(_DTYPES[config.dtype])
         self.model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
         self.device = next(self.model.parameters()).device
