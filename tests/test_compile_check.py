@@ -168,7 +168,7 @@ def test_recorder_records_gpu_tiles_without_running_the_kernels():
     assert out.abs().sum() == 0  # nothing ran: the zero-filled output buffer
     (launch,) = launches
     params = dict(launch.params)
-    assert launch.name == "_forward_kernel"
+    assert launch.name == "forward_kernel"
     assert params["Q"] == ("tensor", "bfloat16", True) and params["LSE"][1] == "float32"
     assert params["num_tokens"] == ("value", layout.total_tokens)
     # The GPU table's tiles, not the interpreter's 16-row ones.

@@ -17,12 +17,12 @@ Both run inside the model's ``forward`` (a ``pyfastrl_grouped=`` mode added to i
 ``fused_lm_head=``), so the hooks of DDP / FSDP / DeepSpeed wrappers around ``forward`` apply.
 
 What cannot be grouped falls back to TRL's own code, with one warning per reason: model types the
-grouped attention is not verified for, soft-capped or scaled logits, attention dropout, an LM head
-that is not a plain ``nn.Linear`` (e.g. a PEFT adapter on it), multimodal inputs, MoE auxiliary
-losses, masks that are not left/right-padded runs, a sliding window shorter than prompt +
-completion, and loss options the fused op does not implement (loss types other than grpo, bnpo,
-dr_grpo, dapo and cispo, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, vLLM
-importance-sampling correction, the entropy bonus, per-token advantages).
+grouped attention is not verified for, soft-capped or scaled final logits, attention dropout, an LM
+head that is not a plain ``nn.Linear`` (e.g. a PEFT adapter on it), multimodal inputs, MoE auxiliary
+losses, masks that are not left/right-padded runs, and loss options this trainer does not pass to the
+fused op yet (loss types other than grpo, bnpo, dr_grpo, dapo and cispo, ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, vLLM importance-sampling correction, the entropy bonus, per-token
+advantages).
 """
 from __future__ import annotations
 
@@ -71,8 +71,6 @@ def _unsupported_model_reason(model) -> str | None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         return (f"model type {config.model_type!r} is not verified with prefix grouping "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping (attn_logit_softcapping) is not implemented by the grouped attention"
     if getattr(text, "final_logit_softcapping", None) is not None:
         return "final_logit_softcapping post-processes the logits, which the fused loss does not reproduce"
     for name in _LOGIT_SCALES:
@@ -186,15 +184,6 @@ def _group_rows(prompt_ids, prompt_mask, completion_ids, completion_mask) -> _Gr
     return _Grouping(batch, torch.tensor(order, device=device), cu_seqlens, token_index)
 
 
-def _sliding_window_reason(model, grouping: _Grouping) -> str | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and \
-            grouping.batch.layout.longest_sequence > window:
-        return f"the sliding window ({window}) is shorter than prompt + completion, which grouping does not implement"
-    return None
-
-
 def _hidden_and_head(model, batch: GroupedBatch):
     """Final hidden states at the positions predicting completion tokens, and the LM head's weight and bias,
     in one dtype (the head's: with ``cast_lm_head_to_fp32`` TRL keeps it in float32)."""
@@ -299,9 +288,6 @@ class GRPOTrainer(trl.GRPOTrainer):
                                input_ids[:, -logits_to_keep:], completion_mask)
         if isinstance(grouping, str):
             return grouping
-        reason = _sliding_window_reason(self.model, grouping)
-        if reason is not None:
-            return reason
 
         def score(module):
             hidden, weight, bias = _hidden_and_head(module, grouping.batch)
@@ -321,7 +307,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if reason is None:
             grouping = _group_rows(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
                                    inputs["completion_mask"])
-            reason = grouping if isinstance(grouping, str) else _sliding_window_reason(self.model, grouping)
+            reason = grouping if isinstance(grouping, str) else None
         if reason is not None:
             self._fall_back(reason)
             return super()._compute_loss(model, inputs)

@@ -138,9 +138,6 @@ def run(args) -> int:
 def _train(args) -> int:
     import torch
 
-    from pyfastrl.trainer import GRPOTrainer, load_config_file
-    from pyfastrl.trainer import default_task
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # Launched by torchrun: one process per device (gloo on CPU, nccl on GPUs).
@@ -152,6 +149,21 @@ def _train(args) -> int:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Torn down here, not at interpreter exit, where gloo's worker threads can still be joinable
+        # while its destructor runs (seen as "terminate called without an active exception").
+        try:
+            return _train_on(args, device)
+        finally:
+            torch.distributed.destroy_process_group()
+    return _train_on(args, device)
+
+
+def _train_on(args, device) -> int:
+    import torch
+
+    from pyfastrl.trainer import GRPOTrainer, load_config_file
+    from pyfastrl.trainer import default_task
+
     options = load_config_file(args.config) if args.config else {}
     flags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
              "num_generations": args.num_generations, "seed": args.seed, "distributed": args.distributed}
