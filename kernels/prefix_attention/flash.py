@@ -53,6 +53,14 @@ CUDA_MAX_HEAD_DIM = 256
 _CPU_BATCH_FILL = 0.5
 # Segments this short share a batch whatever their lengths: their cost is the call, not the padding.
 _CPU_SHORT_SEGMENT = 16
+# Small layouts: when every group (prompt + its completions) is at most this many tokens, each group
+# is one causal call with an additive mask of the grouped rule (which is a subset of the causal rule in
+# packed order) instead of causal + cross calls and a merge: fewer, bigger calls win while the fixed
+# cost per call outweighs the masked-out completion-vs-completion work. Measured, see README.
+_CPU_MASKED_GROUP = 512
+# Groups of similar length share one masked call while their masks hold at most this many elements
+# (4 MiB in fp32), so the mask memory stays bounded whatever the batch size.
+_CPU_MASK_ELEMENTS = 1 << 20
 
 
 # -- the schedule ----------------------------------------------------------------------------------
@@ -82,8 +90,11 @@ class _Schedule:
 
     def cpu_calls(self):
         """``(causal, cross)``: the CPU kernel calls as ``_Rows`` batches. ``causal``: segments of
-        similar length (see ``_CPU_BATCH_FILL``) padded into one call; ``cross``: ``(queries,
-        keys)`` per set of groups with equal prompt length (their completions padded)."""
+        similar length (see ``_CPU_BATCH_FILL``) padded into one call, or, for small groups (see
+        ``_CPU_MASKED_GROUP``), whole groups under their masks with ``cross`` empty; ``cross``:
+        ``(queries, keys)`` per set of groups with equal prompt length (their completions padded)."""
+        if self._cpu_calls is None and max(end - p0 for p0, _, end in self.groups) <= _CPU_MASKED_GROUP:
+            self._cpu_calls = self._masked_group_calls(), []
         if self._cpu_calls is None:
             order = sorted(self.segments, key=lambda s: s[1], reverse=True)
             causal, current = [], []
@@ -101,6 +112,27 @@ class _Schedule:
                      for groups in by_prompt.values()]
             self._cpu_calls = causal, cross
         return self._cpu_calls
+
+    def _masked_group_calls(self):
+        """Groups of similar length (``_CPU_BATCH_FILL``, ``_CPU_MASK_ELEMENTS``) as ``_Rows``
+        batches carrying the grouped rule as a ``(n, L, L)`` boolean table: in a group's local
+        positions, row r sees key c <= r when c is a prompt key or in r's own segment. Padding rows
+        see the prompt and themselves (their outputs are dropped and their zero ``dO`` gives zero
+        gradients)."""
+        starts = torch.tensor([start for start, _ in self.segments])
+        lengths = torch.tensor([length for _, length in self.segments])
+        segment_first = torch.repeat_interleave(starts, lengths)  # per token: its segment's first row
+        order = sorted(self.groups, key=lambda g: g[2] - g[0], reverse=True)
+        calls, current = [], []
+        for group in order + [None]:
+            longest = current[0][2] - current[0][0] if current else 0
+            if current and (group is None or (len(current) + 1) * longest ** 2 > _CPU_MASK_ELEMENTS
+                            or group[2] - group[0] < _CPU_BATCH_FILL * longest):
+                calls.append(_Rows([(p0, end - p0) for p0, _, end in current],
+                                   allowed=_grouped_rule(current, segment_first)))
+                current = []
+            current.append(group)
+        return calls
 
     def varlen(self):
         """CUDA offsets: ``(cu_all, max_segment, cross_rows, prompt_rows, cu_q, cu_k, max_q, max_k)``.
@@ -207,9 +239,13 @@ class _Rows:
     """Row ranges ``[(start, length), ...]`` of the packed batch as one ``(n, H, L, D)`` kernel batch.
 
     A single range is read in place (a strided view, no copy); several are copied into a zero
-    buffer, each padded at its end to the longest length L."""
+    buffer, each padded at its end to the longest length L. ``allowed`` (``(n, L, L)`` bool, or
+    None for plain causal calls) is the call's attention rule, given to the kernel as an additive
+    mask of the inputs' dtype (``mask``), built once per dtype."""
 
-    def __init__(self, ranges):
+    def __init__(self, ranges, allowed: torch.Tensor | None = None):
+        self.allowed = allowed
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
         self.n = len(ranges)
         self.length = max(length for _, length in ranges)
         if self.n == 1:
@@ -219,6 +255,15 @@ class _Rows:
             self.index = torch.cat([torch.arange(start, start + length) for start, length in ranges])
             self.slots = torch.cat([torch.arange(i * self.length, i * self.length + length)
                                     for i, (_, length) in enumerate(ranges)])
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive ``(n, 1, L, L)`` mask of ``allowed`` in ``dtype`` (None without one)."""
+        if self.allowed is None:
+            return None
+        if dtype not in self._masks:
+            blocked = torch.zeros(self.allowed.shape, dtype=dtype).masked_fill_(~self.allowed, float("-inf"))
+            self._masks[dtype] = blocked.unsqueeze(1)
+        return self._masks[dtype]
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         """``x (T, H, D)`` -> ``(n, H, L, D)``."""
@@ -249,6 +294,20 @@ class _Rows:
         return lse.transpose(0, 1).flatten(1)[:, self.slots]
 
 
+def _grouped_rule(groups, segment_first: torch.Tensor) -> torch.Tensor:
+    """``(n, L, L)`` bool: the grouped rule of ``groups`` (``(prompt_start, prompt_end, group_end)``,
+    each padded at its end to the longest L) in local positions; ``segment_first (T,)``: each
+    token's segment start."""
+    length = max(end - p0 for p0, _, end in groups)
+    position = torch.arange(length)
+    first = position.repeat(len(groups), 1)  # padding rows: their own position
+    prompt = torch.tensor([p1 - p0 for p0, p1, _ in groups]).unsqueeze(1)
+    for i, (p0, _, end) in enumerate(groups):  # per group, not per token
+        first[i, :end - p0] = segment_first[p0:end] - p0
+    rows, keys = position[:, None], position[None, :]
+    return (keys <= rows) & ((keys < prompt[:, :, None]) | (keys >= first[:, :, None]))
+
+
 def _merged(out_rows, lse_rows, other_out, other_lse):
     """Two partial attentions of the same rows, ``(N, H, D)`` outputs and ``(H, N)`` LSEs, merged
     through their log-sum-exps (torch; the CUDA path's fused kernel is in merge.py)."""
@@ -264,7 +323,8 @@ def _cpu_forward(q, k, v, schedule: _Schedule, scale: float):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype), device=q.device)
     for rows in causal:
-        o, l = attend(rows.batch(q), rows.batch(k), rows.batch(v), 0.0, True, scale=scale)
+        o, l = attend(rows.batch(q), rows.batch(k), rows.batch(v), 0.0, True, attn_mask=rows.mask(q.dtype),
+                      scale=scale)
         out[rows.index] = rows.rows(o)
         lse[:, rows.index] = rows.lse_rows(l)
     for queries, keys in cross:
@@ -284,7 +344,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, schedule: _Schedule, scale: float
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
     for rows in causal:
         grads = attend_backward(*(rows.batch(t) for t in (grad_out, q, k, v, out)), rows.lse_batch(lse),
-                                0.0, True, scale=scale)
+                                0.0, True, attn_mask=rows.mask(q.dtype), scale=scale)
         for total, part in zip((dq, dk, dv), grads):
             total[rows.index] = rows.rows(part).to(total.dtype)
     for queries, keys in cross:
