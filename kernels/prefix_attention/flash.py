@@ -35,6 +35,7 @@ call does no host work beyond launching.
 """
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import weakref
 
@@ -53,11 +54,19 @@ CUDA_MAX_HEAD_DIM = 256
 _CPU_BATCH_FILL = 0.5
 # Segments this short share a batch whatever their lengths: their cost is the call, not the padding.
 _CPU_SHORT_SEGMENT = 16
-# Small layouts: when every group (prompt + its completions) is at most this many tokens, each group
-# is one causal call with an additive mask of the grouped rule (which is a subset of the causal rule in
-# packed order) instead of causal + cross calls and a merge: fewer, bigger calls win while the fixed
-# cost per call outweighs the masked-out completion-vs-completion work. Measured, see README.
-_CPU_MASKED_GROUP = 512
+# Small layouts: each group (prompt + its completions) as one causal call with an additive mask of
+# the grouped rule (a subset of the causal rule in packed order) instead of causal + cross calls and a
+# merge, when every group is at most _CPU_MASKED_GROUP tokens (the fixed cost per call dominates) or
+# at most _CPU_MASKED_GROUP_MAX tokens with the masked call's causal pairs at most
+# _CPU_MASKED_WASTE times the pairs the rule attends (little completion-vs-completion work thrown
+# away). Measured on a 2-core CPU (fp32, D 16-64, fwd+bwd): masked per-group calls win at groups of
+# 55-112 tokens and at 248 tokens with 3% waste, lose at 214 tokens with 17% waste (README).
+_CPU_MASKED_GROUP = 128
+_CPU_MASKED_GROUP_MAX = 512
+_CPU_MASKED_WASTE = 1.1
+# Batches of at most this many tokens are one masked call in place (no copies; a 64 KiB fp32 mask):
+# measured faster than per-group calls at 112 tokens, slower at 221-240.
+_CPU_MASKED_BATCH = 128
 # Groups of similar length share one masked call while their masks hold at most this many elements
 # (4 MiB in fp32), so the mask memory stays bounded whatever the batch size.
 _CPU_MASK_ELEMENTS = 1 << 20
@@ -93,7 +102,7 @@ class _Schedule:
         similar length (see ``_CPU_BATCH_FILL``) padded into one call, or, for small groups (see
         ``_CPU_MASKED_GROUP``), whole groups under their masks with ``cross`` empty; ``cross``:
         ``(queries, keys)`` per set of groups with equal prompt length (their completions padded)."""
-        if self._cpu_calls is None and max(end - p0 for p0, _, end in self.groups) <= _CPU_MASKED_GROUP:
+        if self._cpu_calls is None and self._masked_calls_pay():
             self._cpu_calls = self._masked_group_calls(), []
         if self._cpu_calls is None:
             order = sorted(self.segments, key=lambda s: s[1], reverse=True)
@@ -113,23 +122,40 @@ class _Schedule:
             self._cpu_calls = causal, cross
         return self._cpu_calls
 
+    def _masked_calls_pay(self) -> bool:
+        """Whether whole groups under masks beat causal + cross calls (see ``_CPU_MASKED_GROUP``)."""
+        longest = max(end - p0 for p0, _, end in self.groups)
+        if longest <= _CPU_MASKED_GROUP:
+            return True
+        if longest > _CPU_MASKED_GROUP_MAX:
+            return False
+        group_starts = [p0 for p0, _, _ in self.groups]
+        needed = 0  # pairs the rule attends: each segment causally, each completion its prompt too
+        for start, length in self.segments:
+            p0, p1, _ = self.groups[bisect.bisect_right(group_starts, start) - 1]
+            needed += length * (length + 1) // 2 + (length * (p1 - p0) if start >= p1 else 0)
+        masked = sum((end - p0) * (end - p0 + 1) // 2 for p0, _, end in self.groups)
+        return masked <= _CPU_MASKED_WASTE * needed
+
     def _masked_group_calls(self):
-        """Groups of similar length (``_CPU_BATCH_FILL``, ``_CPU_MASK_ELEMENTS``) as ``_Rows``
-        batches carrying the grouped rule as a ``(n, L, L)`` boolean table: in a group's local
-        positions, row r sees key c <= r when c is a prompt key or in r's own segment. Padding rows
-        see the prompt and themselves (their outputs are dropped and their zero ``dO`` gives zero
-        gradients)."""
+        """Whole groups as masked ``_Rows`` calls: the whole batch in place as one call when it is
+        at most ``_CPU_MASKED_BATCH`` tokens, else groups of similar length (``_CPU_BATCH_FILL``)
+        padded into calls whose masks hold at most ``_CPU_MASK_ELEMENTS`` elements."""
         starts = torch.tensor([start for start, _ in self.segments])
         lengths = torch.tensor([length for _, length in self.segments])
-        segment_first = torch.repeat_interleave(starts, lengths)  # per token: its segment's first row
-        order = sorted(self.groups, key=lambda g: g[2] - g[0], reverse=True)
+        group_lengths = torch.tensor([end - p0 for p0, _, end in self.groups])
+        tokens = (torch.repeat_interleave(starts, lengths),  # per token: its segment's first row,
+                  *(torch.repeat_interleave(torch.tensor(bound), group_lengths)  # its group's prompt
+                    for bound in zip(*((p0, p1) for p0, p1, _ in self.groups))))
+        if self.total_tokens <= _CPU_MASKED_BATCH:
+            return [_Rows([(0, self.total_tokens)], allowed=_grouped_rule([(0, self.total_tokens)], *tokens))]
+        order = sorted(((p0, end - p0) for p0, _, end in self.groups), key=lambda g: g[1], reverse=True)
         calls, current = [], []
         for group in order + [None]:
-            longest = current[0][2] - current[0][0] if current else 0
+            longest = current[0][1] if current else 0
             if current and (group is None or (len(current) + 1) * longest ** 2 > _CPU_MASK_ELEMENTS
-                            or group[2] - group[0] < _CPU_BATCH_FILL * longest):
-                calls.append(_Rows([(p0, end - p0) for p0, _, end in current],
-                                   allowed=_grouped_rule(current, segment_first)))
+                            or group[1] < _CPU_BATCH_FILL * longest):
+                calls.append(_Rows(current, allowed=_grouped_rule(current, *tokens)))
                 current = []
             current.append(group)
         return calls
@@ -294,18 +320,22 @@ class _Rows:
         return lse.transpose(0, 1).flatten(1)[:, self.slots]
 
 
-def _grouped_rule(groups, segment_first: torch.Tensor) -> torch.Tensor:
-    """``(n, L, L)`` bool: the grouped rule of ``groups`` (``(prompt_start, prompt_end, group_end)``,
-    each padded at its end to the longest L) in local positions; ``segment_first (T,)``: each
-    token's segment start."""
-    length = max(end - p0 for p0, _, end in groups)
+def _grouped_rule(ranges, segment_first, prompt_start, prompt_end) -> torch.Tensor:
+    """``(n, L, L)`` bool: the grouped rule over row ranges ``[(start, length)]`` of whole groups,
+    each padded at its end to the longest L, in local positions: row r sees key c <= r when c is in
+    r's own segment or in its group's prompt. The other arguments are ``(T,)`` per-token rows (a
+    prompt token's own prompt is its segment). Padding rows see themselves only (their outputs are
+    dropped and their zero ``dO`` gives zero gradients)."""
+    length = max(n for _, n in ranges)
     position = torch.arange(length)
-    first = position.repeat(len(groups), 1)  # padding rows: their own position
-    prompt = torch.tensor([p1 - p0 for p0, p1, _ in groups]).unsqueeze(1)
-    for i, (p0, _, end) in enumerate(groups):  # per group, not per token
-        first[i, :end - p0] = segment_first[p0:end] - p0
+    first = position.repeat(len(ranges), 1)
+    low, high = torch.zeros_like(first), torch.zeros_like(first)
+    for i, (start, n) in enumerate(ranges):  # per range, not per token
+        for local, token in ((first, segment_first), (low, prompt_start), (high, prompt_end)):
+            local[i, :n] = token[start:start + n] - start
     rows, keys = position[:, None], position[None, :]
-    return (keys <= rows) & ((keys < prompt[:, :, None]) | (keys >= first[:, :, None]))
+    in_prompt = (keys >= low[:, :, None]) & (keys < high[:, :, None])
+    return (keys <= rows) & ((keys >= first[:, :, None]) | in_prompt)
 
 
 def _merged(out_rows, lse_rows, other_out, other_lse):
