@@ -27,7 +27,9 @@ Primitives (see ``primitive_unavailable_reason``):
   that has a batch of its own reads ``q/k/v`` in place (strided views); short segments of similar
   length are zero-padded at their end into one batch (exact under the causal mask: a real row never
   sees a later padding key, and a padding row's zero ``dO`` gives it zero gradient). Merge in torch.
-  fp16, bf16, fp32 and fp64.
+  Small layouts (see ``_CPU_MASKED_GROUP``) instead run whole groups, or the whole batch, as causal
+  calls with an additive mask of the grouped rule: fewer, bigger calls, no merge. fp16, bf16, fp32
+  and fp64.
 
 The schedule of calls is derived on the host from the layout's segment table
 (``PrefixGroupLayout.query_blocks(None)``) once and cached by that table's identity, so a layer
