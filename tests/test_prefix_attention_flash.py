@@ -166,6 +166,16 @@ def test_cpu_masked_group_batches_bound_the_mask(monkeypatch):
     assert torch.equal(mask[0, 0] == 0, allowed) and causal[2].mask(torch.float64) is mask  # built once
 
 
+def test_cpu_masks_of_a_layout_stay_bounded(monkeypatch):
+    """Past _CPU_MASKS_TOTAL mask elements in all, small groups run causal + cross calls instead."""
+    monkeypatch.setattr(flash, "_CPU_MASKED_BATCH", 0)  # else 92 tokens are one call (at most 128^2 elements)
+    spec = ([20, 20, 20, 6], [[4, 4], [3, 5], [8], [2]])  # groups of 28, 28, 28 and 8 tokens
+    monkeypatch.setattr(flash, "_CPU_MASKS_TOTAL", 3 * 28 * 28 + 8 * 8)
+    assert regime(flash._schedule(PrefixGroupLayout(*spec).query_blocks(None))) == "masked_groups"
+    monkeypatch.setattr(flash, "_CPU_MASKS_TOTAL", 3 * 28 * 28 + 8 * 8 - 1)
+    assert regime(flash._schedule(PrefixGroupLayout(*spec).query_blocks(None))) == "composition"
+
+
 # -- the CUDA path's merge kernels (Triton; the interpreter without CUDA) ------------------------
 def test_merge_kernel_matches_torch_merge():
     from pyfastrl.kernels.prefix_attention import merge

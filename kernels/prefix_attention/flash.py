@@ -66,6 +66,9 @@ _CPU_SHORT_SEGMENT = 16
 _CPU_MASKED_GROUP = 128
 _CPU_MASKED_GROUP_MAX = 512
 _CPU_MASKED_WASTE = 1.1
+# All masks of a layout (kept with its schedule, per dtype) hold at most this many elements (32 MiB in
+# fp32); past it the layout runs causal + cross calls, so mask memory stays bounded at any batch size.
+_CPU_MASKS_TOTAL = 1 << 23
 # Batches of at most this many tokens are one masked call in place (no copies; a 64 KiB fp32 mask):
 # measured faster than per-group calls at 112 tokens, slower at 221-240.
 _CPU_MASKED_BATCH = 128
@@ -127,6 +130,8 @@ class _Schedule:
     def _masked_calls_pay(self) -> bool:
         """Whether whole groups under masks beat causal + cross calls (see ``_CPU_MASKED_GROUP``)."""
         longest = max(end - p0 for p0, _, end in self.groups)
+        if sum((end - p0) ** 2 for p0, _, end in self.groups) > _CPU_MASKS_TOTAL:
+            return False
         if longest <= _CPU_MASKED_GROUP:
             return True
         if longest > _CPU_MASKED_GROUP_MAX:
