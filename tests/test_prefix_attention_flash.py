@@ -95,6 +95,87 @@ def test_cpu_schedule_batches_short_segments_and_equal_prompts():
     assert sum(rows.n for rows in causal) == layout.num_groups + layout.num_members
 
 
+
+# -- small layouts: whole groups (or the whole batch) as masked calls ------------------------------
+# Around each threshold of flash.py (_CPU_MASKED_BATCH = 128 tokens, _CPU_MASKED_GROUP = 128,
+# _CPU_MASKED_WASTE): the layout, and the regime its schedule must pick.
+SMALL_LAYOUTS = {
+    "batch_at_threshold": (([50, 30], [[10, 1, 9], [20, 8]]), "one_call"),  # 128 tokens
+    "batch_past_threshold": (([50, 30], [[10, 1, 9], [20, 9]]), "masked_groups"),  # 129 tokens
+    "group_at_threshold": (([100, 1], [[20, 8], [1]]), "masked_groups"),  # a 128-token group
+    "wasteful_group_past_threshold": (([40, 1], [[30, 30, 29], [1]]), "composition"),  # 129, 46% waste
+    "thrifty_group_past_threshold": (([100, 1], [[20, 9], [1]]), "masked_groups"),  # 129, 2% waste
+    "thrifty_long_groups": (([200, 190, 3], [[8, 7, 6, 1], [5, 8], [1]]), "masked_groups"),
+    "ragged_one_token_groups": (([1, 1, 2, 1], [[1], [1, 1], [3, 1], [1]]), "one_call"),
+}
+
+
+def regime(schedule) -> str:
+    causal, cross = schedule.cpu_calls()
+    if cross:
+        assert all(rows.allowed is None for rows in causal)
+        return "composition"
+    assert all(rows.allowed is not None for rows in causal)
+    whole = len(causal) == 1 and causal[0].n == 1 and causal[0].length == schedule.total_tokens
+    return "one_call" if whole else "masked_groups"
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("name", list(SMALL_LAYOUTS))
+def test_cpu_masked_regimes_equal_repeated_prefix(name, gqa, dtype, atol):
+    spec, want_regime = SMALL_LAYOUTS[name]
+    layout = PrefixGroupLayout(*spec, device=CPU)
+    assert regime(flash._schedule(layout.query_blocks(None))) == want_regime
+    q, k, v = make_inputs(layout, 4, 4 // gqa, 16, dtype, device=CPU)
+    grad_out = torch.randn_like(q)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="flash")
+    assert all(g.dtype == dtype for g in got)
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out), atol=atol)
+
+
+@pytest.mark.parametrize("forced", ["composition", "masked_groups", "one_call"])
+@pytest.mark.parametrize("name", list(FLASH_LAYOUTS))
+def test_cpu_every_regime_equals_repeated_prefix(name, forced, monkeypatch):
+    """Each regime forced on every layout (thresholds moved), fp64 against the reference, GQA."""
+    big = 10**9
+    group, batch = {"composition": (0, 0), "masked_groups": (big, 0), "one_call": (big, big)}[forced]
+    for constant, value in (("_CPU_MASKED_GROUP", group), ("_CPU_MASKED_GROUP_MAX", group),
+                            ("_CPU_MASKED_BATCH", batch), ("_CPU_MASK_ELEMENTS", 1 << 20 if group else 0)):
+        monkeypatch.setattr(flash, constant, value)
+    layout = PrefixGroupLayout(*FLASH_LAYOUTS[name], device=CPU)
+    schedule = flash._schedule(layout.query_blocks(None))
+    assert regime(schedule) == forced or (forced == "masked_groups" and layout.num_groups == 1)
+    q, k, v = make_inputs(layout, 4, 2, 16, torch.float64, device=CPU)
+    grad_out = torch.randn_like(q)
+    got = grouped_and_grads(q, k, v, layout, grad_out, backend="flash", softmax_scale=0.3)
+    assert_close(got, reference_and_grads(q, k, v, layout, grad_out, scale=0.3), atol=1e-10)
+
+
+def test_cpu_masked_group_batches_bound_the_mask(monkeypatch):
+    """Groups of similar length share a masked call only while its mask fits _CPU_MASK_ELEMENTS."""
+    monkeypatch.setattr(flash, "_CPU_MASKED_BATCH", 0)
+    layout = PrefixGroupLayout([20, 20, 20, 6], [[4, 4], [3, 5], [8], [2]], device=CPU)  # groups 28, 28, 28, 8
+    monkeypatch.setattr(flash, "_CPU_MASK_ELEMENTS", 2 * 28 * 28)
+    causal, cross = flash._schedule(layout.query_blocks(None)).cpu_calls()
+    assert cross == [] and [(rows.n, rows.length) for rows in causal] == [(2, 28), (1, 28), (1, 8)]
+    assert all(rows.mask(torch.float32).numel() <= 2 * 28 * 28 for rows in causal)
+    mask = causal[2].mask(torch.float64)  # the 6-token prompt and its 2-token completion
+    assert mask.dtype == torch.float64 and mask.shape == (1, 1, 8, 8)
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0] == 0, allowed) and causal[2].mask(torch.float64) is mask  # built once
+
+
+def test_cpu_masks_of_a_layout_stay_bounded(monkeypatch):
+    """Past _CPU_MASKS_TOTAL mask elements in all, small groups run causal + cross calls instead."""
+    monkeypatch.setattr(flash, "_CPU_MASKED_BATCH", 0)  # else 92 tokens are one call (at most 128^2 elements)
+    spec = ([20, 20, 20, 6], [[4, 4], [3, 5], [8], [2]])  # groups of 28, 28, 28 and 8 tokens
+    monkeypatch.setattr(flash, "_CPU_MASKS_TOTAL", 3 * 28 * 28 + 8 * 8)
+    assert regime(flash._schedule(PrefixGroupLayout(*spec).query_blocks(None))) == "masked_groups"
+    monkeypatch.setattr(flash, "_CPU_MASKS_TOTAL", 3 * 28 * 28 + 8 * 8 - 1)
+    assert regime(flash._schedule(PrefixGroupLayout(*spec).query_blocks(None))) == "composition"
+
+
 # -- the CUDA path's merge kernels (Triton; the interpreter without CUDA) ------------------------
 def test_merge_kernel_matches_torch_merge():
     from pyfastrl.kernels.prefix_attention import merge

@@ -27,7 +27,9 @@ Primitives (see ``primitive_unavailable_reason``):
   that has a batch of its own reads ``q/k/v`` in place (strided views); short segments of similar
   length are zero-padded at their end into one batch (exact under the causal mask: a real row never
   sees a later padding key, and a padding row's zero ``dO`` gives it zero gradient). Merge in torch.
-  fp16, bf16, fp32 and fp64.
+  Small layouts (see ``_CPU_MASKED_GROUP``) instead run whole groups, or the whole batch, as causal
+  calls with an additive mask of the grouped rule: fewer, bigger calls, no merge. fp16, bf16, fp32
+  and fp64.
 
 The schedule of calls is derived on the host from the layout's segment table
 (``PrefixGroupLayout.query_blocks(None)``) once and cached by that table's identity, so a layer
@@ -35,6 +37,7 @@ call does no host work beyond launching.
 """
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import weakref
 
@@ -53,6 +56,25 @@ CUDA_MAX_HEAD_DIM = 256
 _CPU_BATCH_FILL = 0.5
 # Segments this short share a batch whatever their lengths: their cost is the call, not the padding.
 _CPU_SHORT_SEGMENT = 16
+# Small layouts: each group (prompt + its completions) as one causal call with an additive mask of
+# the grouped rule (a subset of the causal rule in packed order) instead of causal + cross calls and a
+# merge, when every group is at most _CPU_MASKED_GROUP tokens (the fixed cost per call dominates) or
+# at most _CPU_MASKED_GROUP_MAX tokens with the masked call's causal pairs at most
+# _CPU_MASKED_WASTE times the pairs the rule attends (little completion-vs-completion work thrown
+# away). Measured on a 2-core CPU (fp32, D 16-64, fwd+bwd): masked per-group calls win at groups of
+# 55-112 tokens and at 248 tokens with 3% waste, lose at 214 tokens with 17% waste (README).
+_CPU_MASKED_GROUP = 128
+_CPU_MASKED_GROUP_MAX = 512
+_CPU_MASKED_WASTE = 1.1
+# All masks of a layout (kept with its schedule, per dtype) hold at most this many elements (32 MiB in
+# fp32); past it the layout runs causal + cross calls, so mask memory stays bounded at any batch size.
+_CPU_MASKS_TOTAL = 1 << 23
+# Batches of at most this many tokens are one masked call in place (no copies; a 64 KiB fp32 mask):
+# measured faster than per-group calls at 112 tokens, slower at 221-240.
+_CPU_MASKED_BATCH = 128
+# Groups of similar length share one masked call while their masks hold at most this many elements
+# (4 MiB in fp32), so the mask memory stays bounded whatever the batch size.
+_CPU_MASK_ELEMENTS = 1 << 20
 
 
 # -- the schedule ----------------------------------------------------------------------------------
@@ -82,8 +104,11 @@ class _Schedule:
 
     def cpu_calls(self):
         """``(causal, cross)``: the CPU kernel calls as ``_Rows`` batches. ``causal``: segments of
-        similar length (see ``_CPU_BATCH_FILL``) padded into one call; ``cross``: ``(queries,
-        keys)`` per set of groups with equal prompt length (their completions padded)."""
+        similar length (see ``_CPU_BATCH_FILL``) padded into one call, or, for small groups (see
+        ``_CPU_MASKED_GROUP``), whole groups under their masks with ``cross`` empty; ``cross``:
+        ``(queries, keys)`` per set of groups with equal prompt length (their completions padded)."""
+        if self._cpu_calls is None and self._masked_calls_pay():
+            self._cpu_calls = self._masked_group_calls(), []
         if self._cpu_calls is None:
             order = sorted(self.segments, key=lambda s: s[1], reverse=True)
             causal, current = [], []
@@ -101,6 +126,46 @@ class _Schedule:
                      for groups in by_prompt.values()]
             self._cpu_calls = causal, cross
         return self._cpu_calls
+
+    def _masked_calls_pay(self) -> bool:
+        """Whether whole groups under masks beat causal + cross calls (see ``_CPU_MASKED_GROUP``)."""
+        longest = max(end - p0 for p0, _, end in self.groups)
+        if sum((end - p0) ** 2 for p0, _, end in self.groups) > _CPU_MASKS_TOTAL:
+            return False
+        if longest <= _CPU_MASKED_GROUP:
+            return True
+        if longest > _CPU_MASKED_GROUP_MAX:
+            return False
+        group_starts = [p0 for p0, _, _ in self.groups]
+        needed = 0  # pairs the rule attends: each segment causally, each completion its prompt too
+        for start, length in self.segments:
+            p0, p1, _ = self.groups[bisect.bisect_right(group_starts, start) - 1]
+            needed += length * (length + 1) // 2 + (length * (p1 - p0) if start >= p1 else 0)
+        masked = sum((end - p0) * (end - p0 + 1) // 2 for p0, _, end in self.groups)
+        return masked <= _CPU_MASKED_WASTE * needed
+
+    def _masked_group_calls(self):
+        """Whole groups as masked ``_Rows`` calls: the whole batch in place as one call when it is
+        at most ``_CPU_MASKED_BATCH`` tokens, else groups of similar length (``_CPU_BATCH_FILL``)
+        padded into calls whose masks hold at most ``_CPU_MASK_ELEMENTS`` elements."""
+        starts = torch.tensor([start for start, _ in self.segments])
+        lengths = torch.tensor([length for _, length in self.segments])
+        group_lengths = torch.tensor([end - p0 for p0, _, end in self.groups])
+        tokens = (torch.repeat_interleave(starts, lengths),  # per token: its segment's first row,
+                  *(torch.repeat_interleave(torch.tensor(bound), group_lengths)  # its group's prompt
+                    for bound in zip(*((p0, p1) for p0, p1, _ in self.groups))))
+        if self.total_tokens <= _CPU_MASKED_BATCH:
+            return [_Rows([(0, self.total_tokens)], allowed=_grouped_rule([(0, self.total_tokens)], *tokens))]
+        order = sorted(((p0, end - p0) for p0, _, end in self.groups), key=lambda g: g[1], reverse=True)
+        calls, current = [], []
+        for group in order + [None]:
+            longest = current[0][1] if current else 0
+            if current and (group is None or (len(current) + 1) * longest ** 2 > _CPU_MASK_ELEMENTS
+                            or group[1] < _CPU_BATCH_FILL * longest):
+                calls.append(_Rows(current, allowed=_grouped_rule(current, *tokens)))
+                current = []
+            current.append(group)
+        return calls
 
     def varlen(self):
         """CUDA offsets: ``(cu_all, max_segment, cross_rows, prompt_rows, cu_q, cu_k, max_q, max_k)``.
@@ -207,9 +272,13 @@ class _Rows:
     """Row ranges ``[(start, length), ...]`` of the packed batch as one ``(n, H, L, D)`` kernel batch.
 
     A single range is read in place (a strided view, no copy); several are copied into a zero
-    buffer, each padded at its end to the longest length L."""
+    buffer, each padded at its end to the longest length L. ``allowed`` (``(n, L, L)`` bool, or
+    None for plain causal calls) is the call's attention rule, given to the kernel as an additive
+    mask of the inputs' dtype (``mask``), built once per dtype."""
 
-    def __init__(self, ranges):
+    def __init__(self, ranges, allowed: torch.Tensor | None = None):
+        self.allowed = allowed
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
         self.n = len(ranges)
         self.length = max(length for _, length in ranges)
         if self.n == 1:
@@ -219,6 +288,15 @@ class _Rows:
             self.index = torch.cat([torch.arange(start, start + length) for start, length in ranges])
             self.slots = torch.cat([torch.arange(i * self.length, i * self.length + length)
                                     for i, (_, length) in enumerate(ranges)])
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive ``(n, 1, L, L)`` mask of ``allowed`` in ``dtype`` (None without one)."""
+        if self.allowed is None:
+            return None
+        if dtype not in self._masks:
+            blocked = torch.zeros(self.allowed.shape, dtype=dtype).masked_fill_(~self.allowed, float("-inf"))
+            self._masks[dtype] = blocked.unsqueeze(1)
+        return self._masks[dtype]
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         """``x (T, H, D)`` -> ``(n, H, L, D)``."""
@@ -249,6 +327,24 @@ class _Rows:
         return lse.transpose(0, 1).flatten(1)[:, self.slots]
 
 
+def _grouped_rule(ranges, segment_first, prompt_start, prompt_end) -> torch.Tensor:
+    """``(n, L, L)`` bool: the grouped rule over row ranges ``[(start, length)]`` of whole groups,
+    each padded at its end to the longest L, in local positions: row r sees key c <= r when c is in
+    r's own segment or in its group's prompt. The other arguments are ``(T,)`` per-token rows (a
+    prompt token's own prompt is its segment). Padding rows see themselves only (their outputs are
+    dropped and their zero ``dO`` gives zero gradients)."""
+    length = max(n for _, n in ranges)
+    position = torch.arange(length)
+    first = position.repeat(len(ranges), 1)
+    low, high = torch.zeros_like(first), torch.zeros_like(first)
+    for i, (start, n) in enumerate(ranges):  # per range, not per token
+        for local, token in ((first, segment_first), (low, prompt_start), (high, prompt_end)):
+            local[i, :n] = token[start:start + n] - start
+    rows, keys = position[:, None], position[None, :]
+    in_prompt = (keys >= low[:, :, None]) & (keys < high[:, :, None])
+    return (keys <= rows) & ((keys >= first[:, :, None]) | in_prompt)
+
+
 def _merged(out_rows, lse_rows, other_out, other_lse):
     """Two partial attentions of the same rows, ``(N, H, D)`` outputs and ``(H, N)`` LSEs, merged
     through their log-sum-exps (torch; the CUDA path's fused kernel is in merge.py)."""
@@ -264,7 +360,8 @@ def _cpu_forward(q, k, v, schedule: _Schedule, scale: float):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype), device=q.device)
     for rows in causal:
-        o, l = attend(rows.batch(q), rows.batch(k), rows.batch(v), 0.0, True, scale=scale)
+        o, l = attend(rows.batch(q), rows.batch(k), rows.batch(v), 0.0, True, attn_mask=rows.mask(q.dtype),
+                      scale=scale)
         out[rows.index] = rows.rows(o)
         lse[:, rows.index] = rows.lse_rows(l)
     for queries, keys in cross:
@@ -284,7 +381,7 @@ def _cpu_backward(grad_out, q, k, v, out, lse, schedule: _Schedule, scale: float
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
     for rows in causal:
         grads = attend_backward(*(rows.batch(t) for t in (grad_out, q, k, v, out)), rows.lse_batch(lse),
-                                0.0, True, scale=scale)
+                                0.0, True, attn_mask=rows.mask(q.dtype), scale=scale)
         for total, part in zip((dq, dk, dv), grads):
             total[rows.index] = rows.rows(part).to(total.dtype)
     for queries, keys in cross:
