@@ -314,10 +314,10 @@ class Recorded:
     routed: dict  # config name -> message: fp32 the Triton kernels hand to backend='torch' on this GPU
 
 
-def routed_to_torch(config_name: str, message: str) -> bool:
+def routed_to_torch(config: OpConfig, message: str) -> bool:
     """An fp32 configuration the op refuses on the Triton backend with a pointer to ``backend='torch'``
     (its ``"auto"`` runs it there): by design, not a failure. Only fp32: bf16/fp16 must compile."""
-    return config_name.startswith("fp32") and "backend='torch'" in message
+    return config.label.startswith("fp32") and "backend='torch'" in message
 
 
 def record(target: str, configs: list[OpConfig]) -> Recorded:
@@ -332,7 +332,7 @@ def record(target: str, configs: list[OpConfig]) -> Recorded:
                 config.run()
         except (ValueError, TypeError, NotImplementedError) as error:
             message = f"{type(error).__name__}: {error}"
-            (result.routed if routed_to_torch(config.name, message) else result.refused)[config.name] = message
+            (result.routed if routed_to_torch(config, message) else result.refused)[config.name] = message
             continue
         for launch in launches:
             entry = result.launches.setdefault(launch.key(), (launch, []))
