@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from pyfastrl._backend import BACKEND_ENV, resolve_backend
+from pyfastrl.kernels.launch_target import tile_target
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite
@@ -210,7 +211,7 @@ def _check_tensors(q, k, v, backend: str, validate: bool) -> None:
         )
     if backend == "triton":
         kernel = _triton_kernels()
-        if q.dtype == torch.float32 and q.device.type == "cuda":
+        if q.dtype == torch.float32 and tile_target(q.device) != "interpreter":
             raise TypeError(
                 f"{_OP}: backend 'triton' on a GPU takes fp16/bf16 inputs (its fp32 3xTF32 products spill "
                 "registers); use backend='torch' for fp32, or cast q/k/v to bf16"
