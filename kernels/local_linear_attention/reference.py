@@ -200,9 +200,9 @@ def forward(q, k, v, ridge, scale: float):
     return out, eta, lse
 
 
-def backward(grad_out, q, k, v, ridge, eta, lse, scale: float):
-    """LLA backward (the module docstring's formulas); ``eta`` is recomputed (in float64), not read.
-    Returns ``dq, dk, dv`` in the inputs' dtypes
+def backward(grad_out, q, k, v, ridge, lse, scale: float):
+    """LLA backward (the module docstring's formulas); η is recomputed in float64 rather than taken
+    from the forward. Returns ``dq, dk, dv`` in the inputs' dtypes
     and ``dridge (Hq,)`` in the accumulation dtype."""
     acc = _COMPUTE_DTYPE
     batch, num_tokens, num_heads, head_dim = q.shape

@@ -166,7 +166,7 @@ def _backward_op(
             grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations)
         _check_convergence(residual, tolerance, max_iterations, "backward (adjoint)", validate)
         return dq, dk, dv, dridge
-    return reference.backward(grad_out, q, k, v, ridge, eta, lse, scale)
+    return reference.backward(grad_out, q, k, v, ridge, lse, scale)
 
 
 @_backward_op.register_fake
