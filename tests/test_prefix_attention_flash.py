@@ -6,12 +6,15 @@ The CPU composition (PyTorch's CPU flash kernel) runs on every CI run; the merge
 through Triton's interpreter without CUDA; GPU-marked tests compare the vendor composition with the
 torch backend at realistic sizes.
 """
+import contextlib
+
 import pytest
 import torch
 
 from conftest import DEVICE
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
 from pyfastrl._backend import BACKEND_ENV, FLASH_OR_TRITON, resolve_backend
+from pyfastrl.kernels.launch_target import gpu_tiles
 from pyfastrl.kernels.prefix_attention import flash
 from test_prefix_attention import LAYOUTS, assert_close, grouped_and_grads, make_inputs, reference_and_grads
 
@@ -177,18 +180,26 @@ def test_cpu_masks_of_a_layout_stay_bounded(monkeypatch):
 
 
 # -- the CUDA path's merge kernels (Triton; the interpreter without CUDA) ------------------------
-def test_merge_kernel_matches_torch_merge():
+def _tiles(target):
+    """The GPU tile table of ``target`` ("sm80"/"sm90"), or the device's own for None."""
+    return contextlib.nullcontext() if target is None else gpu_tiles(target)
+
+
+# Under the GPU tables (64-row blocks) the row lists below span 2-3 blocks.
+@pytest.mark.parametrize("target", [None, "sm80", "sm90"])
+def test_merge_kernel_matches_torch_merge(target):
     from pyfastrl.kernels.prefix_attention import merge
 
-    t, heads, head_dim = 50, 4, 24  # head dim not a power of two: masked columns
+    t, heads, head_dim = 170, 4, 24  # head dim not a power of two: masked columns
     out = torch.randn(t, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     lse = torch.randn(heads, t, device=DEVICE)
-    rows = torch.tensor([3, 5, 6, 7, 20, 21, 22] + list(range(30, 50)), device=DEVICE)
+    rows = torch.tensor([3, 5, 6, 7, 20, 21, 22] + list(range(30, 170)), device=DEVICE)
     cross_out = torch.randn(len(rows), heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     cross_lse = 5 * torch.randn(heads, len(rows), device=DEVICE)
     want_out, want_lse = flash._merged(out[rows], lse[:, rows], cross_out, cross_lse)
     got_out, got_lse = out.clone(), lse.clone()
-    merge.merge_(got_out, got_lse, cross_out, cross_lse, rows)
+    with _tiles(target):
+        merge.merge_(got_out, got_lse, cross_out, cross_lse, rows)
     torch.testing.assert_close(got_lse[:, rows], want_lse)
     torch.testing.assert_close(got_out[rows], want_out.to(torch.bfloat16))
     untouched = torch.ones(t, dtype=torch.bool, device=DEVICE)
@@ -196,20 +207,22 @@ def test_merge_kernel_matches_torch_merge():
     assert torch.equal(got_out[untouched], out[untouched]) and torch.equal(got_lse[:, untouched], lse[:, untouched])
 
 
-def test_gradient_accumulation_kernel_matches_torch():
+@pytest.mark.parametrize("target", [None, "sm80", "sm90"])
+def test_gradient_accumulation_kernel_matches_torch(target):
     from pyfastrl.kernels.prefix_attention import merge
 
-    t, heads, kv_heads, head_dim = 60, 4, 2, 40
+    t, heads, kv_heads, head_dim = 300, 4, 2, 40
     dq, dk, dv = (torch.randn(t, h, head_dim, device=DEVICE) for h in (heads, kv_heads, kv_heads))
-    q_rows = torch.tensor(list(range(10, 30)) + list(range(41, 60)), device=DEVICE)
-    k_rows = torch.tensor(list(range(0, 10)) + list(range(30, 41)), device=DEVICE)
+    q_rows = torch.tensor(list(range(10, 30)) + list(range(171, 300)), device=DEVICE)
+    k_rows = torch.tensor(list(range(0, 10)) + list(range(30, 171)), device=DEVICE)
     cross_dq = torch.randn(len(q_rows), heads, head_dim, device=DEVICE)
     cross_dk, cross_dv = (torch.randn(len(k_rows), kv_heads, head_dim, device=DEVICE) for _ in range(2))
     want = [x.clone() for x in (dq, dk, dv)]
     want[0][q_rows] += cross_dq
     want[1][k_rows] += cross_dk
     want[2][k_rows] += cross_dv
-    merge.add_rows_(dq, cross_dq, q_rows, dk, dv, cross_dk, cross_dv, k_rows)
+    with _tiles(target):
+        merge.add_rows_(dq, cross_dq, q_rows, dk, dv, cross_dk, cross_dv, k_rows)
     for got, expected in zip((dq, dk, dv), want):
         torch.testing.assert_close(got, expected)
 
