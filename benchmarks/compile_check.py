@@ -37,6 +37,21 @@ import compile_record  # noqa: E402
 DEFAULT_OUT = os.path.join("benchmarks", "results", "compile")
 
 
+def _provenance() -> dict:
+    """Versions and the git commit a report was made from (the commit is "unknown" outside git)."""
+    import subprocess
+
+    import torch
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"triton": triton.__version__, "torch": torch.__version__, "commit": commit}
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """Per-SM limits (CUDA occupancy calculator): shared memory is allocated per CTA with 1 KiB
@@ -289,8 +304,11 @@ def run(targets=("sm80", "sm90"), quick=False, jobs=None, only=None, out=DEFAULT
     summary = summarise(rows, refused)
     summary["record_seconds"] = round(recorded_s, 1)
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    summary.update(_provenance())
     header = (f"# Compile check ({'quick' if quick else 'full'} grid; targets {', '.join(targets)}; "
-              f"{len(tasks)} compiles in {summary['total_seconds']} s on {jobs} processes)")
+              f"{len(tasks)} compiles in {summary['total_seconds']} s on {jobs} processes)\n\n"
+              f"Compiled without a GPU (ptxas/cuobjdump from triton's backend): triton {summary['triton']}, "
+              f"torch {summary['torch']}, commit {summary['commit']}.")
     os.makedirs(out, exist_ok=True)
     report = markdown(rows, summary, refused, header)
     report += "".join(f"Routed to backend='torch' by design: {name}: {message}\n" for name, message in routed.items())
