@@ -103,7 +103,8 @@ def build_methods(*, cuda: bool) -> tuple[dict, dict]:
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        liger = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28)
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", epsilon_low=0.2,
+                                         epsilon_high=0.28)
         methods["liger_fused_linear"] = lambda h, w, targets, mask, adv, old: liger(
             h, w, targets, mask.long(), adv, old_per_token_logps=old)[0]
     except Exception as error:  # not installed, or an API this file does not know
@@ -118,7 +119,7 @@ def build_methods(*, cuda: bool) -> tuple[dict, dict]:
                 # It wants logits (B, L+1, V) whose last position is dropped: materialise them.
                 logits = torch.cat([h, h[:, -1:]], 1) @ w.t()
                 return triton_grpo_loss(logits, old, None, targets, adv, mask.long(), temperature=1.0, beta=0.0,
-                                        eps_low=0.2, eps_high=0.28, loss_type="dapo")[0]
+                                        eps_low=0.2, eps_high=0.28, loss_type="dapo", reduce=True)[0]
 
             methods["liger_triton"] = liger_triton
         except Exception as error:

@@ -28,12 +28,12 @@ import torch
 
 # Per kernel (module short name . function): the overrides tried. Inner tiles only (see above).
 DEFAULT_CANDIDATES = {
-    "prefix_attention._forward_kernel": [
+    "prefix_attention.forward_kernel": [
         {"BLOCK_N": n, "num_warps": w, "num_stages": s} for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)],
-    "prefix_attention._backward_dkdv_kernel": [
-        {"BLOCK_M": m, "num_warps": w, "num_stages": s} for m in (32, 64) for w in (4, 8) for s in (1, 2, 3)],
-    "prefix_attention._backward_dq_kernel": [
-        {"BLOCK_N": n, "num_warps": w, "num_stages": s} for n in (32, 64) for w in (4, 8) for s in (1, 2, 3)],
+    "prefix_attention.dkdv_kernel": [
+        {"BLOCK_M": m, "num_warps": w, "num_stages": s} for m in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)],
+    "prefix_attention.dq_kernel": [
+        {"BLOCK_N": n, "num_warps": w, "num_stages": s} for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)],
     "local_linear_attention._forward_kernel": [
         {"BLOCK_N": n, "num_warps": w, "num_stages": s} for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)],
     "local_linear_attention._backward_query_kernel": [
@@ -62,7 +62,8 @@ def overriding(kernel: str, overrides: dict, applied: list):
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        if self.fn.__name__ == function and self.fn.__module__ == f"{KERNEL_PACKAGE}{module_name}.kernel":
+        # The programs live in the op's kernel package (kernel.py or triton_kernels.py).
+        if self.fn.__name__ == function and self.fn.__module__.startswith(f"{KERNEL_PACKAGE}{module_name}."):
             for name, value in overrides.items():
                 if name in kwargs or name.startswith("num_"):
                     kwargs[name] = value
@@ -115,8 +116,8 @@ def _fused_loss_case(hidden_size, dtype, quick):
 
 # op -> (case builder, sizes (head dim or hidden size), kernels tuned)
 OPS = {
-    "prefix_grouped_attention": (_prefix_case, (64, 128, 256), ("prefix_attention._forward_kernel",
-                                 "prefix_attention._backward_dkdv_kernel", "prefix_attention._backward_dq_kernel")),
+    "prefix_grouped_attention": (_prefix_case, (64, 128, 256), ("prefix_attention.forward_kernel",
+                                 "prefix_attention.dkdv_kernel", "prefix_attention.dq_kernel")),
     "local_linear_attention": (_lla_case, (64, 128), ("local_linear_attention._forward_kernel",
                                "local_linear_attention._backward_query_kernel",
                                "local_linear_attention._backward_key_kernel")),
@@ -146,6 +147,8 @@ def tune_case(call, inputs, kernels) -> dict:
             try:
                 with overriding(kernel, overrides, applied):
                     got = _step(call, inputs)
+                    if not applied:  # a stale kernel name: every "candidate" would time the default
+                        raise LookupError(f"{kernel} was not launched by this op: nothing to override")
                     for want, have in zip(reference, got):
                         torch.testing.assert_close(have, want, rtol=2e-2, atol=2e-2)
                     ms = do_bench(lambda: _step(call, inputs))
@@ -161,11 +164,29 @@ def tune_case(call, inputs, kernels) -> dict:
     return result
 
 
+def _selection(only) -> set | None:
+    """``--only`` as a set of (op, size or None); None when every op is tuned."""
+    if only is None:
+        return None
+    selected = set()
+    for item in only:
+        op, _, size = item.partition("=")
+        if op not in OPS:
+            raise SystemExit(f"tune_configs: --only {item!r}: unknown op {op!r} (known: {', '.join(OPS)})")
+        if size and int(size) not in OPS[op][1]:
+            raise SystemExit(f"tune_configs: --only {item!r}: {op} is tuned at {OPS[op][1]}")
+        selected.add((op, int(size) if size else None))
+    return selected
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="smaller problems, bf16 only")
+    parser.add_argument("--only", nargs="+", metavar="OP[=SIZE]", default=None,
+                        help=f"tune only these ops (of {', '.join(OPS)}), optionally at one head dim / hidden size")
     args = parser.parse_args(argv)
+    selected = _selection(args.only)
     if not torch.cuda.is_available():
         print("tune_configs: timing launch configurations needs a CUDA GPU and none is visible; nothing timed.")
         return 0
@@ -178,6 +199,8 @@ def main(argv=None) -> int:
     dtypes = {"bf16": torch.bfloat16} if args.quick else {"bf16": torch.bfloat16, "fp16": torch.float16}
     for op, (build, sizes, kernels) in OPS.items():
         for size in sizes:
+            if selected is not None and not ({(op, None), (op, size)} & selected):
+                continue
             for dtype_name, dtype in dtypes.items():
                 name = f"{dtype_name} {'H' if op == 'fused_linear_grpo_loss' else 'D'}={size}"
                 print(f"{op} {name} on {report['gpu']}:", flush=True)

@@ -48,9 +48,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once: backend resolution runs inside torch.compile'd code, which cannot trace find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on ``device``, or None when it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "the 'triton' package is not installed (pip install triton)"
     if device.type == "cuda" or triton_interpreting():
         return None

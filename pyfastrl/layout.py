@@ -72,7 +72,8 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Te
 def _range_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
     """``repeat_interleave(arange(len(lengths)), lengths)``, lengths >= 1 summing to ``total``."""
     starts = torch.zeros(total, dtype=torch.long, device=lengths.device)
-    starts[_exclusive_cumsum(lengths)[1:]] = 1
+    # index_fill_ rather than `starts[index] = 1`, which copies the 1 from the host: a sync on CUDA.
+    starts.index_fill_(0, _exclusive_cumsum(lengths)[1:], 1)
     return torch.cumsum(starts, 0)
 
 

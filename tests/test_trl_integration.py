@@ -8,8 +8,8 @@ import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded
-import trl  # noqa: E402  (requirements-cpu.txt pins it)
-from datasets import Dataset  # noqa: E402
+trl = pytest.importorskip("trl")  # requirements-cpu.txt pins it (CI); a GPU machine may lack it
+Dataset = pytest.importorskip("datasets").Dataset
 
 from pyfastrl.integrations import trl as pftrl  # noqa: E402
 from pyfastrl.trainer import default_task  # noqa: E402

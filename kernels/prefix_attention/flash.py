@@ -208,12 +208,17 @@ def _schedule(table: torch.Tensor) -> _Schedule:
 
 
 # -- availability ----------------------------------------------------------------------------------
+# Looked up once: the backend choice runs inside torch.compile'd code, which cannot trace find_spec.
+_HAS_FA3 = importlib.util.find_spec("flash_attn_interface") is not None
+_HAS_FA2 = importlib.util.find_spec("flash_attn") is not None
+
+
 def cuda_primitive(device: torch.device) -> str:
     """The vendor kernel the CUDA composition calls: ``"fa3"``, ``"fa2"`` or ``"aten"``."""
     major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
+    if major == 9 and _HAS_FA3:
         return "fa3"
-    if importlib.util.find_spec("flash_attn") is not None:
+    if _HAS_FA2:
         return "fa2"
     return "aten"
 
