@@ -51,7 +51,7 @@ class BuildCudaExt(build_ext):
 cuda_extension = dict(
     ext_modules=[Extension(
         "pyfastrl._cuda",
-        sources=["csrc/bindings.cpp", "csrc/attention_merge/merge.cu"],
+        sources=["csrc/bindings.cpp", "csrc/attention_merge/merge.cu", "csrc/grpo_loss/grpo_loss.cu"],
         # The static runtime: the module needs only the driver (libcuda), not a libcudart of nvcc's version.
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-std=c++17", "-O3"],

@@ -1,7 +1,7 @@
 """Resource check of the CUDA extension's kernels, without a GPU: compiles every ``.cu`` source for
 each cubin target with ``ptxas -v`` and prints registers, shared memory, stack frame and spills per
 kernel; fails on any spill store or stack frame (local memory in a memory-bound kernel), and on a
-kernel whose PTX moves no 128-bit vector (the loads the kernels are written around).
+kernel of a vectorised source (``VECTORISED_SOURCES``) whose PTX moves no 128-bit vector.
 
     python csrc/check_resources.py        # exit status 1 on a finding, 2 without nvcc
 
@@ -25,6 +25,10 @@ _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 _PTX_ENTRY = re.compile(r"\.entry\s+(\S+)\(")
+# Sources whose kernels are written around 16-byte moves, so each must have one. The GRPO loss
+# kernels are not: they read several (N,) arrays of different element sizes from arbitrary row
+# offsets, one element per thread per array, coalesced across the warp.
+VECTORISED_SOURCES = {"merge.cu"}
 
 
 @dataclass
@@ -84,7 +88,8 @@ def check(nvcc: str) -> list[KernelResources]:
 
 
 def problems(kernels: list[KernelResources]) -> list[str]:
-    """What fails the check: nothing compiled, a missing cubin target, spills, stack frames, no 128-bit moves."""
+    """What fails the check: nothing compiled, a missing cubin target, spills, stack frames, no 128-bit
+    moves in a kernel of ``VECTORISED_SOURCES``."""
     if not kernels:
         return ["ptxas reported no kernels"]
     found = []
@@ -97,7 +102,7 @@ def problems(kernels: list[KernelResources]) -> list[str]:
             found.append(f"{where}: {k.spill_stores} bytes spill stores, {k.spill_loads} bytes spill loads")
         if k.stack_bytes:
             found.append(f"{where}: {k.stack_bytes} bytes stack frame")
-        if not k.vector_128:
+        if not k.vector_128 and k.source in VECTORISED_SOURCES:
             found.append(f"{where}: no 128-bit global load/store in its PTX")
     return found
 

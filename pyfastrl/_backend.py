@@ -2,15 +2,17 @@
 
 Every op has a ``"torch"`` backend (plain PyTorch: the reference) and a ``"triton"`` backend (fused
 kernels); ``prefix_grouped_attention`` also has ``"flash"`` (composed from FlashAttention-style
-kernels: the vendor's on CUDA, PyTorch's CPU flash kernel on CPU). ``backend="auto"``:
+kernels: the vendor's on CUDA, PyTorch's CPU flash kernel on CPU), and the ops of ``CUDA_OPS``
+have ``"cuda"`` (the optional extension, ``csrc/``; chosen only when asked for until a lent GPU
+has measured it faster). ``backend="auto"``:
 
 * ops with a flash backend, plain attention (no soft-capping, no sliding window): ``"flash"`` on
   CPU (the fast CPU path); on CUDA the entry of ``FLASH_OR_TRITON`` for (architecture, dtype, head
   dim) when measured, else ``"flash"`` where its kernels take the inputs, else ``"triton"``;
 * otherwise Triton for CUDA tensors and PyTorch on CPU.
 
-The environment variable ``PYFASTRL_BACKEND`` (``torch`` | ``triton`` | ``flash`` | ``auto``)
-overrides ``"auto"`` for every op (``flash`` only for ops that have it), e.g. to force the kernels
+The environment variable ``PYFASTRL_BACKEND`` (``torch`` | ``triton`` | ``flash`` | ``cuda`` |
+``auto``) overrides ``"auto"`` for every op (``flash`` and ``cuda`` only for ops that have them), e.g. to force the kernels
 through Triton's CPU interpreter.
 """
 from __future__ import annotations
@@ -20,10 +22,12 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "flash")
+BACKENDS = ("auto", "torch", "triton", "flash", "cuda")
 BACKEND_ENV = "PYFASTRL_BACKEND"
 # Ops that have a "flash" backend.
 FLASH_OPS = ("prefix_grouped_attention",)
+# Ops that have a "cuda" backend (the extension's kernels).
+CUDA_OPS = ("grpo_loss",)
 # Measured "flash" or "triton" per (architecture "sm80"/"sm90", dtype, head dim), from
 # `pyfastrl bench prefix-attention` on a lent GPU. Empty until measured: "auto" then takes "flash"
 # wherever its kernels apply.
@@ -115,14 +119,22 @@ def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: tor
             raise ValueError(
                 f"{op}: environment variable {BACKEND_ENV} must be one of {BACKENDS}, got {requested!r}"
             )
-        if requested == "flash" and op not in FLASH_OPS:
-            requested = "auto"  # a global override to flash leaves the ops without one on auto
+        if (requested == "flash" and op not in FLASH_OPS) or (requested == "cuda" and op not in CUDA_OPS):
+            requested = "auto"  # a global override leaves the ops without that backend on auto
     if requested == "auto":
         return _auto(op, device, dtype, head_dim, softcap, sliding_window)
     if requested == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+    if requested == "cuda":
+        if op not in CUDA_OPS:
+            raise ValueError(f"{op}: has no 'cuda' backend (ops with one: {', '.join(CUDA_OPS)})")
+        from pyfastrl.kernels.grpo_loss import cuda
+
+        reason = cuda.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
     if requested == "flash":
         if op not in FLASH_OPS:
             raise ValueError(f"{op}: has no 'flash' backend; use 'torch', 'triton' or 'auto'")

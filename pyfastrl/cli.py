@@ -126,7 +126,8 @@ _OPS = (
 
 def _info(args) -> int:
     from pyfastrl import __version__
-    from pyfastrl._backend import BACKEND_ENV, flash_unavailable_reason, resolve_backend, triton_unavailable_reason
+    from pyfastrl._backend import (BACKEND_ENV, FLASH_MERGE_ENV, flash_unavailable_reason, resolve_backend,
+                                   triton_unavailable_reason)
 
     print(f"pyfastrl      {__version__}")
     print(f"python        {platform.python_version()}")
@@ -157,11 +158,12 @@ def _info(args) -> int:
         chosen = f"error: {error}"
     print(f"  auto    -> {chosen} here for {'bf16' if cuda else 'fp32'}, D=128 without soft-capping or a sliding "
           f"window (override with {BACKEND_ENV}=flash)")
-    from pyfastrl.kernels.prefix_attention import merge_cuda
+    from pyfastrl.kernels import cuda_extension
 
-    cuda_reason = merge_cuda.unavailable_reason()
-    print("\nCUDA extension (pyfastrl._cuda: the flash backend's merge kernels; none has run on a GPU yet):")
-    print(f"  cuda    {'available: flash merges with it' if cuda_reason is None else 'unavailable: ' + cuda_reason}")
+    cuda_reason = cuda_extension.unavailable_reason()
+    print(f"\nCUDA extension (pyfastrl._cuda: grpo_loss(backend='cuda'); the flash backend's merge with "
+          f"{FLASH_MERGE_ENV}=cuda):")
+    print(f"  cuda    {'available' if cuda_reason is None else 'unavailable: ' + cuda_reason}")
     return 0
 
 

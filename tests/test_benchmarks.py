@@ -268,8 +268,9 @@ def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
             for method, modes in case["methods"].items():
                 measured = modes["fwd_bwd"]
                 assert "error" not in measured, (name, method, measured)
-                # Building a layout does no floating-point work: its TFLOP/s is 0.
-                assert measured["ms"] > 0 and (measured["tflops"] > 0 or name == "layout") and measured["gbps"] > 0
+                # Building a layout and the loss rows are counted in bytes only: TFLOP/s 0.
+                assert measured["ms"] > 0 and measured["gbps"] > 0
+                assert measured["tflops"] > 0 or name in ("layout", "grpo-loss-rows")
                 assert 0 < measured["roofline_fraction"] and measured["peak_extra_mib"] is None
         assert (tmp_path / f"{stem}.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
@@ -283,3 +284,18 @@ def test_environment_record_names_versions_and_commit():
     env = load_benchmark("harness").environment()
     assert set(env) >= {"gpu", "torch", "triton", "transformers", "liger_kernel", "prefix_grouper", "commit", "date"}
     assert len(env["commit"]) == 40 or env["commit"] == "unknown"
+
+
+def test_grpo_loss_rows_methods_agree_and_count_bytes_once():
+    bench = importlib.import_module("grpo_loss_rows")
+    methods, skipped = bench.build_methods(cuda=False)
+    assert set(methods) == {"pyfastrl", "torch_unfused"} and "pyfastrl_cuda" in skipped
+    logp, old, ref, mask, cu, advantages = bench.make_inputs(4096, 512, "cpu", torch.float64, seed=0)
+    inputs = (logp, old.double(), ref.double(), mask, cu, advantages.double())
+    (grad,) = methods["pyfastrl"](*inputs)
+    (expected,) = methods["torch_unfused"](*inputs)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected)
+    # bf16 log-probs: read twice and their gradient written (2 bytes each), old and ref fp32 read
+    # twice, the mask read twice, one fp32 advantage per row.
+    assert bench.useful_bytes(1000, 10, 2) == 1000 * (6 + 16 + 2) + 40

@@ -2,36 +2,17 @@
 
 * The merge arithmetic (csrc/attention_merge/merge_math.h) compiled for the host with g++ and called
   through ctypes on CPU tensors, against float64 torch: every run.
-* ``compile``: csrc/check_resources.py compiles the kernels for sm_80/sm_90a (ptxas -v) and fails
-  on spills, stack frames or missing 128-bit moves: every run where nvcc is present (CI has it).
+* ``compile``: csrc/check_resources.py compiles every kernel of the extension for sm_80/sm_90a
+  (ptxas -v) and fails on spills, stack frames or missing 128-bit moves: every run where nvcc is
+  present (CI has it). The GRPO loss kernels' own tests are in test_grpo_loss_cuda.py.
 * ``gpu``: the built extension's kernels against float64 and the Triton merge, forward and backward.
 """
 import ctypes
-import importlib.util
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cuda_host import NVCC, build_host_check, load_csrc_module, needs_nvcc, nvcc_build
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_csrc_module(name):
-    """A script of csrc/ (not a package) imported by path."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "csrc" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-nvcc_build = _load_csrc_module("nvcc_build")
-
-NVCC = nvcc_build.find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found ($CUDA_HOME/bin or PATH): no CUDA toolkit")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # The kernels round once from fp32 math to the output dtype.
@@ -80,16 +61,7 @@ def reference_add_rows(dst, src, rows):
 # -- host build of merge_math.h ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def host_merge(tmp_path_factory):
-    """ctypes handle of csrc/attention_merge/host_check.cpp built with g++ (CUDA headers for fp16/bf16)."""
-    compiler = shutil.which("g++")
-    if NVCC is None or compiler is None:
-        pytest.skip("needs nvcc (for the CUDA headers) and g++")
-    includes, _ = nvcc_build.toolkit_dirs(NVCC)
-    library = tmp_path_factory.mktemp("host_merge") / "libhost_merge.so"
-    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-shared", "-fPIC",
-                    *(f"-I{d}" for d in includes), str(nvcc_build.HOST_CHECK), "-o", str(library)],
-                   check=True, capture_output=True, text=True)
-    handle = ctypes.CDLL(str(library))
+    handle = build_host_check("attention_merge", tmp_path_factory)
     pointer, int64 = ctypes.c_size_t, ctypes.c_int64
     handle.pyfastrl_merge_host.argtypes = [ctypes.c_int] + [pointer] * 5 + [int64] * 9
     handle.pyfastrl_add_rows_host.argtypes = [ctypes.c_int] + [pointer] * 3 + [int64] * 7
@@ -149,13 +121,16 @@ def test_host_add_rows_matches_float64(host_merge, dtype):
 @pytest.mark.compile
 @needs_nvcc
 def test_kernels_compile_without_spills_or_stack(capsys):
-    check_resources = _load_csrc_module("check_resources")
+    check_resources = load_csrc_module("check_resources")
     kernels = check_resources.check(NVCC)
     with capsys.disabled():
         print("\n" + check_resources.report(kernels))
     assert {k.arch for k in kernels} == set(nvcc_build.CUBIN_ARCHS)
-    for family in ("merge_kernel", "add_rows_kernel"):  # 3 dtypes x 2 archs each
+    for family in ("merge_kernel", "add_rows_kernel", "grad_kernel"):  # 3 dtypes x 2 archs each
         assert sum(family in k.kernel for k in kernels) == 3 * len(nvcc_build.CUBIN_ARCHS), family
+    # GRPO loss: 3 segment passes x 3 dtypes, and 3 folds, per arch.
+    assert sum("segment_kernel" in k.kernel for k in kernels) == 9 * len(nvcc_build.CUBIN_ARCHS)
+    assert sum("fold_kernel" in k.kernel for k in kernels) == 3 * len(nvcc_build.CUBIN_ARCHS)
     assert check_resources.problems(kernels) == []
 
 
@@ -171,12 +146,12 @@ def test_wrapper_rejects_cpu_tensors():
 
 def test_info_reports_the_cuda_extension(capsys):
     from pyfastrl.cli import main
-    from pyfastrl.kernels.prefix_attention import merge_cuda
+    from pyfastrl.kernels import cuda_extension
 
     assert main(["info"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  cuda "))
-    reason = merge_cuda.unavailable_reason()
-    assert line.split(None, 1)[1] == ("available: flash merges with it" if reason is None else f"unavailable: {reason}")
+    reason = cuda_extension.unavailable_reason()
+    assert line.split(None, 1)[1] == ("available" if reason is None else f"unavailable: {reason}")
 
 
 # -- on a GPU, with the extension built --------------------------------------------------------------

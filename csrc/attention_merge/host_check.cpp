@@ -8,6 +8,7 @@
 
 #include "merge_math.h"
 
+using namespace pyfastrl;
 using namespace pyfastrl::attention_merge;
 
 namespace {

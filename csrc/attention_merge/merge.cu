@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/launch.h"
 #include "merge.h"
 #include "merge_math.h"
 
@@ -57,11 +58,6 @@ __global__ void __launch_bounds__(kThreads) add_rows_kernel(RowAdd<T> dq, RowAdd
   } else {
     add_rows_at(dv, i);
   }
-}
-
-void check_launch(const char* what) {
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
 void check_head_dim(int64_t head_dim, int pack, const char* what) {

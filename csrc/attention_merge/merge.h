@@ -10,10 +10,7 @@
 namespace pyfastrl {
 namespace attention_merge {
 
-// Element dtype codes shared with the Python wrapper.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// out (T, H, D) rows `rows` (N,) int64 and lse (H, T) fp32 merged in place with cross_out (N, H, D)
+// dtype: a code of common/element.h. out (T, H, D) rows `rows` (N,) int64 and lse (H, T) fp32 merged in place with cross_out (N, H, D)
 // and cross_lse (H, N) fp32.
 void merge(int dtype, uintptr_t out, uintptr_t lse, uintptr_t cross_out, uintptr_t cross_lse, uintptr_t rows,
            int64_t num_rows, int64_t num_heads, int64_t head_dim, int64_t stride_ot, int64_t stride_oh,

@@ -9,21 +9,9 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-#include <stdexcept>
-#include <string>
-
+#include "common/element.h"
 #include "merge.h"
-
-#if defined(__CUDACC__)
-#define PFRL_HD __host__ __device__ __forceinline__
-#define PFRL_UNROLL _Pragma("unroll")
-#else
-#define PFRL_HD inline
-#define PFRL_UNROLL _Pragma("GCC unroll 16")
-#endif
 
 namespace pyfastrl {
 namespace attention_merge {
@@ -36,19 +24,6 @@ template <typename T>
 struct alignas(16) Pack {
   T v[kPack<T>];
 };
-
-PFRL_HD float to_float(float x) { return x; }
-PFRL_HD float to_float(__half x) { return __half2float(x); }
-PFRL_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-PFRL_HD T from_float(float x);
-template <>
-PFRL_HD float from_float<float>(float x) { return x; }
-template <>
-PFRL_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-PFRL_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 struct MergeWeights {
   float lse;  // log(e^l1 + e^l2)
@@ -127,18 +102,6 @@ PFRL_UNROLL
   *dst = sum;
 }
 
-// Calls f(T{}) with the element type of a dtype code (merge.h).
-template <typename F>
-void dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(float{});
-    case kFloat16: return f(__half{});
-    case kBFloat16: return f(__nv_bfloat16{});
-    default:
-      throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) +
-                                  " (0 float32, 1 float16, 2 bfloat16)");
-  }
-}
 
 template <typename T>
 MergeArgs<T> merge_args(uintptr_t out, uintptr_t lse, uintptr_t cross_out, uintptr_t cross_lse, uintptr_t rows,

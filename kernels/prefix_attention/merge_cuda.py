@@ -10,36 +10,14 @@ trusted, as in the Triton kernels.
 """
 from __future__ import annotations
 
-import functools
-import shutil
-
 import torch
 
-# Element dtype codes of csrc/attention_merge/merge.h.
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from pyfastrl.kernels import cuda_extension
+
+_DTYPE_CODES = cuda_extension.DTYPE_CODES
 _MAX_CHUNKS = 256  # one thread per 16-byte chunk of a row, 256 threads a block (merge.cu)
-
-
-@functools.cache
-def _extension():
-    try:
-        from pyfastrl import _cuda
-    except ImportError:
-        return None
-    return _cuda
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """Why the CUDA merge kernels cannot run here, or None when they can."""
-    if _extension() is None:
-        how = "PYFASTRL_BUILD_CUDA=1 pip install -e ."
-        if shutil.which("nvcc") is None:
-            return f"not built, and nvcc is not on PATH (install the CUDA toolkit, then {how})"
-        return f"not built (install with {how})"
-    if not torch.cuda.is_available():
-        return "built, but no CUDA device is visible"
-    return None
+_extension = cuda_extension.module
+unavailable_reason = cuda_extension.unavailable_reason
 
 
 def _check_rows(name: str, tensor: torch.Tensor, device: torch.device, count: int | None = None) -> None:

@@ -44,15 +44,24 @@ def triton_kernels():
     return kernel
 
 
+def cuda_kernels():
+    from pyfastrl.kernels.grpo_loss import cuda
+
+    return cuda
+
+
 def implementation(backend: str):
-    return triton_kernels() if backend == "triton" else reference
+    if backend == "triton":
+        return triton_kernels()
+    return cuda_kernels() if backend == "cuda" else reference
 
 
 def check_triton_dtype(op: str, backend: str, name: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype not in triton_kernels().SUPPORTED_DTYPES:
+    """The kernel backends (triton, cuda) take fp16/bf16/fp32; torch also fp64."""
+    if backend in ("triton", "cuda") and dtype not in implementation(backend).SUPPORTED_DTYPES:
         raise TypeError(
-            f"{op}: backend 'triton' supports {triton_kernels().SUPPORTED_DTYPES} for {name}, got {dtype}; "
-            "use backend='torch'"
+            f"{op}: backend {backend!r} supports {implementation(backend).SUPPORTED_DTYPES} for {name}, "
+            f"got {dtype}; use backend='torch'"
         )
 
 

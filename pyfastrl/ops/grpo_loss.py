@@ -1,6 +1,6 @@
 """``grpo_loss``: TRL's GRPO loss of per-token log-probs, as the ``pyfastrl::grpo_loss`` custom op
-(+ ``pyfastrl::grpo_loss_backward``). Both backends (``pyfastrl.kernels.grpo_loss.reference`` for
-``"torch"``, ``.kernel`` for ``"triton"``) reduce the row's tokens to per-row partial sums; the
+(+ ``pyfastrl::grpo_loss_backward``). Every backend (``pyfastrl.kernels.grpo_loss.reference`` for
+``"torch"``, ``.kernel`` for ``"triton"``, ``.cuda`` for ``"cuda"``) reduces the row's tokens to per-row partial sums; the
 aggregation and the metrics are plain PyTorch (``_grpo_common``). No host-device sync unless
 ``validate=True`` (then one).
 """
@@ -205,7 +205,9 @@ def grpo_loss(
         cu_seqlens: ``(B+1,)`` int row offsets for the packed ``(N,)`` form.
         validate: check values (rewards finite, ``cu_seqlens`` consistent) in one host-device sync.
             Off by default: the call never syncs.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``pyfastrl.prefix_grouped_attention``).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (the CUDA extension's kernels,
+            ``csrc/grpo_loss``: rows of any length spread over the whole GPU; needs
+            ``PYFASTRL_BUILD_CUDA=1 pip install -e .``). ``"auto"``: triton on CUDA, torch on CPU.
 
     Returns:
         ``(loss, metrics)``: the scalar loss (fp32; fp64 for fp64 log-probs), differentiable in
