@@ -2,7 +2,9 @@
 
 Public API:
     PrefixGroupLayout         -- the packed shared-prefix batch layout (built once per batch)
-    prefix_grouped_attention  -- attention over that layout, equal to repeating every prompt
+    PrefixTreeLayout          -- prompts shared at several levels (a forest of segments); from_sequences
+                                 builds it from token ids by sharing every common prefix
+    prefix_grouped_attention  -- attention over either layout, equal to repeating every prompt
     verify_equivalence        -- model-level check: grouped vs repeated batch on a transformers model
                                  (pyfastrl.integrations.transformers; imports transformers on first use)
     grpo_advantages           -- group-normalised advantages (exact 0 for identical rewards)
@@ -14,6 +16,7 @@ Public API:
     nn.LocalLinearAttention   -- the same as a module with a learnable per-head lambda
 """
 from pyfastrl.layout import PrefixGroupLayout
+from pyfastrl.tree_layout import PrefixTreeLayout
 from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss, selective_logprobs
 from pyfastrl.ops.grpo_advantages import grpo_advantages
 from pyfastrl.ops.grpo_loss import grpo_loss
@@ -24,6 +27,7 @@ from pyfastrl.ops.prefix_attention import prefix_grouped_attention
 __version__ = "0.1.0"
 __all__ = [
     "PrefixGroupLayout",
+    "PrefixTreeLayout",
     "prefix_grouped_attention",
     "verify_equivalence",
     "grpo_advantages",
