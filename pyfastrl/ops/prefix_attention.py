@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import BACKENDS, resolve_backend
 from pyfastrl.kernels.prefix_attention import reference
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite, window_length
 from pyfastrl.layout import PrefixGroupLayout
+from pyfastrl.tree_layout import PrefixTreeLayout
 
 _OP = "prefix_grouped_attention"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -23,6 +24,12 @@ def _triton_kernels():
     from pyfastrl.kernels.prefix_attention import kernel
 
     return kernel
+
+
+def _tree_attention(q, k, v, layout, scale, cap, window):
+    from pyfastrl.ops._prefix_tree_attention import tree_attention
+
+    return tree_attention(q, k, v, layout, scale, cap, window)
 
 
 def _flash():
@@ -116,8 +123,9 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_inputs(q, k, v, layout, backend: str) -> None:
     check_qkv(_OP, q, k, v, "(T, Hq, D)", _DTYPES)
-    if not isinstance(layout, PrefixGroupLayout):
-        raise TypeError(f"{_OP}: layout must be a pyfastrl.PrefixGroupLayout, got {type(layout).__name__}")
+    if not isinstance(layout, (PrefixGroupLayout, PrefixTreeLayout)):
+        raise TypeError(f"{_OP}: layout must be a pyfastrl.PrefixGroupLayout or pyfastrl.PrefixTreeLayout, "
+                        f"got {type(layout).__name__}")
     num_tokens, num_heads, head_dim = q.shape
     if k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(
@@ -133,7 +141,7 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
     if layout.device != q.device:
         raise ValueError(
             f"{_OP}: layout is on {layout.device} but q is on {q.device}; "
-            "build it with PrefixGroupLayout(..., device=q.device) or use layout.to(q.device)"
+            f"build it with {type(layout).__name__}(..., device=q.device) or use layout.to(q.device)"
         )
     if backend == "triton":
         kernel = _triton_kernels()
@@ -153,6 +161,19 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             )
 
 
+def _resolve_tree(requested) -> str:
+    """The backend for a ``PrefixTreeLayout``: only ``"torch"`` runs trees for now (``"auto"`` and
+    ``PYFASTRL_BACKEND`` included)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {requested!r}")
+    if requested not in ("auto", "torch"):
+        raise ValueError(
+            f"{_OP}: backend {requested!r} does not take a PrefixTreeLayout yet; tree layouts run on "
+            "backend='torch' (or 'auto') for now"
+        )
+    return "torch"
+
+
 def _resolve(requested: str, q: torch.Tensor, softcap, sliding_window) -> str:
     """The backend that runs: ``resolve_backend``'s choice, except that ``"auto"`` sends inputs the
     Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to ``"torch"``."""
@@ -169,7 +190,7 @@ def prefix_grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: PrefixGroupLayout,
+    layout: PrefixGroupLayout | PrefixTreeLayout,
     *,
     softmax_scale: float | None = None,
     softcap: float | None = None,
@@ -184,12 +205,17 @@ def prefix_grouped_attention(
     with the prefix gradients summed over members. Soft-capping and the sliding window apply as
     they would to each repeated sequence.
 
+    With a ``PrefixTreeLayout`` (prompts shared at several levels) each token attends to every
+    token of its ancestor segments and causally within its own segment: values and gradients equal
+    running every root-to-leaf path as its own causal sequence, the gradients of shared tokens
+    summed over the paths through them. Tree layouts run on the torch backend only for now.
+
     Args:
         q: ``(T, Hq, D)`` queries, T = ``layout.total_tokens``.
         k, v: ``(T, Hkv, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head h reads
             kv head ``h // (Hq // Hkv)``). Same dtype (fp16, bf16, fp32; fp64 on the torch
             backend) and device as q. Any strides with a unit-stride head dim are read in place.
-        layout: the batch's ``PrefixGroupLayout``, on q's device.
+        layout: the batch's ``PrefixGroupLayout`` or ``PrefixTreeLayout``, on q's device.
         softmax_scale: score scale, any positive finite real scalar (Python or numpy); default
             ``D ** -0.5``.
         softcap: attention logit soft-capping (Gemma2's ``attn_logit_softcapping``): a positive
@@ -211,14 +237,17 @@ def prefix_grouped_attention(
         ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
     """
     # The backend name must be settled before the checks that depend on it.
+    tree = isinstance(layout, PrefixTreeLayout)
     if isinstance(q, torch.Tensor):
-        backend = _resolve(backend, q, softcap, sliding_window)
+        backend = _resolve_tree(backend) if tree else _resolve(backend, q, softcap, sliding_window)
     _check_inputs(q, k, v, layout, backend)
     head_dim = q.shape[2]
     scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)
     cap = 0.0 if softcap is None else positive_finite(_OP, "softcap", softcap)
     window = 0 if sliding_window is None else window_length(_OP, "sliding_window", sliding_window)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if tree:
+        return _tree_attention(q, k, v, layout, scale, cap, window)
 
     if backend == "triton":
         block_fwd, block_dq, block_dkdv = _triton_kernels().block_sizes(head_dim, q.device)
