@@ -16,7 +16,6 @@ tensors are moved to ``device`` once; nothing is read back from the device after
 """
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Sequence
 
@@ -245,11 +244,11 @@ class PrefixTreeLayout:
         Raises ValueError naming the sequence for an empty sequence, non-integer tokens or a
         tensor that is not 1-D.
         """
-        rows = _token_rows(sequences)
+        rows, values = _token_rows(sequences)
         # Sort lexicographically: sequences sharing a prefix are then adjacent, and the longest
         # prefix a sequence shares with any earlier one is the one it shares with its predecessor.
         order = sorted(range(len(rows)), key=lambda i: rows[i])
-        shared = _common_prefix_lengths([rows[i] for i in order])
+        shared = _common_prefix_lengths([values[i] for i in order])
 
         # Trie nodes (a node ends a segment): depth = tokens from the root to its end.
         node_depth, node_parent, node_children = [0], [-1], [[]]
@@ -333,15 +332,15 @@ class PrefixTreeLayout:
         )
 
 
-def _token_rows(sequences) -> list[tuple[int, ...]]:
-    """The sequences as tuples of Python ints, checked."""
+def _token_rows(sequences) -> tuple[list[tuple[int, ...]], list[torch.Tensor]]:
+    """The sequences, checked, as tuples of Python ints and as 1-D int64 CPU tensors."""
     if isinstance(sequences, torch.Tensor) or isinstance(sequences, (str, bytes)) \
             or not isinstance(sequences, Sequence):
         raise ValueError("sequences must be a list of token-id sequences (lists of ints or 1-D tensors), "
                          f"got {type(sequences).__name__}")
     if len(sequences) == 0:
         raise ValueError("sequences is empty: a layout needs at least one sequence")
-    rows = []
+    rows, tensors = [], []
     for i, seq in enumerate(sequences):
         if isinstance(seq, (torch.Tensor, Sequence)) and not isinstance(seq, (str, bytes)) and len(seq) == 0:
             raise ValueError(f"sequences[{i}] is empty: every sequence needs at least one token")
@@ -350,7 +349,7 @@ def _token_rows(sequences) -> list[tuple[int, ...]]:
                 raise ValueError(f"sequences[{i}] must be a 1-D tensor of token ids, got shape {tuple(seq.shape)}")
             if seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
                 raise ValueError(f"sequences[{i}] must hold integer token ids, got dtype {seq.dtype}")
-            row = tuple(seq.tolist())
+            values = seq.detach().to("cpu", torch.long)
         elif isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise ValueError(f"sequences[{i}] must be a list of token ids or a 1-D tensor, got {type(seq).__name__}")
         else:
@@ -362,20 +361,19 @@ def _token_rows(sequences) -> list[tuple[int, ...]]:
                 raise ValueError(f"sequences[{i}] must be a flat list of token ids, got nested lists")
             if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
                 raise ValueError(f"sequences[{i}] must hold integer token ids, got {values.dtype} values")
-            row = tuple(values.tolist())
-        rows.append(row)
-    return rows
+            values = values.long()
+        rows.append(tuple(values.tolist()))
+        tensors.append(values)
+    return rows, tensors
 
 
-def _common_prefix_lengths(rows: list[tuple[int, ...]]) -> list[int]:
-    """``[0, lcp(rows[0], rows[1]), lcp(rows[1], rows[2]), ...]``, compared as tensors (no Python
-    loop over tokens)."""
+def _common_prefix_lengths(rows: list[torch.Tensor]) -> list[int]:
+    """``[0, lcp(rows[0], rows[1]), lcp(rows[1], rows[2]), ...]`` of 1-D int64 CPU tensors, compared
+    as one padded tensor (no Python loop over tokens)."""
     if len(rows) == 1:
         return [0]
-    width = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     lengths = torch.tensor([len(r) for r in rows])
-    valid = torch.arange(width)[None, :] < lengths[:, None]
-    tokens[valid] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     same = (tokens[1:] == tokens[:-1]) & valid[1:] & valid[:-1]
     return [0, *torch.cumprod(same.long(), 1).sum(1).tolist()]
