@@ -390,3 +390,25 @@ def test_multi_turn_token_counts():
     # the kept reply of turns 1-3 lies inside the next turn's paths: 3 leaves there, 4 in the last turn
     assert layout.num_leaves == 8 * (3 * 3 + 4) and len(token_index) == 128
     assert layout.repeated_tokens == 8 * (3 * (300 + 450 + 600) + 4 * 750) == 56_400
+
+
+@pytest.mark.gpu
+def test_cuda_tree_matches_cpu_without_host_syncs():
+    parents, lengths = random_tree(random.Random(11), 4, 3, max_len=70)
+    cpu = PrefixTreeLayout(parents, lengths)
+    q, k, v = make_qkv(cpu.total_tokens, 8, 2, 64, torch.float32)
+    grad_out = torch.randn_like(q)
+    want = op_and_grads(q, k, v, cpu, grad_out, sliding_window=40)
+    qc, kc, vc = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    grad_out_c = grad_out.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = PrefixTreeLayout(parents, lengths, device="cuda")
+        got = op_and_grads(qc, kc, vc, layout, grad_out_c, sliding_window=40)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+    _, index = PrefixTreeLayout.from_sequences([[1, 2, 3], [1, 2, 4]], device="cuda")
+    assert index[1].device.type == "cuda" and index[1].tolist() == [0, 1, 3]
