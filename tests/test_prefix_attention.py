@@ -148,7 +148,7 @@ def test_auto_backend_and_environment_override(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "triton")  # the interpreter is on in this test run
     assert resolve_backend("op", "auto", cpu) == "triton"
     assert resolve_backend("op", "torch", cpu) == "torch"  # an explicit choice wins
-    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    monkeypatch.setenv(BACKEND_ENV, "gpu")
     with pytest.raises(ValueError, match=BACKEND_ENV):
         resolve_backend("op", "auto", cpu)
 
@@ -178,7 +178,7 @@ def _bad_input_cases():
         ("layout type", (q, kv, kv, [3, 2, 1], {}), TypeError, "PrefixGroupLayout"),
         ("layout device", (q, kv, kv, layout.to("meta"), {}), ValueError, "layout is on meta"),
         ("scale", (q, kv, kv, layout, {"softmax_scale": -1.0}), ValueError, "softmax_scale"),
-        ("backend", (q, kv, kv, layout, {"backend": "cuda"}), ValueError, "backend must be one of"),
+        ("backend", (q, kv, kv, layout, {"backend": "gpu"}), ValueError, "backend must be one of"),
         ("triton fp64", (q.double(), kv.double(), kv.double(), layout, {"backend": "triton"}), TypeError,
          "backend='torch'"),
         ("triton 32-bit offsets", (torch.empty(16, 2**31 // 256, 16, device="meta"),) * 3
