@@ -96,16 +96,28 @@ def _auto(op, device, dtype, head_dim, softcap, sliding_window) -> str:
     return "triton" if triton_ok else "torch"
 
 
+def require_device(op: str, backend: str, device: torch.device) -> None:
+    """RuntimeError, saying why, when the Triton backend cannot run on ``device`` (CPU tensors without
+    Triton's interpreter). Ops call it after their argument checks (``resolve_backend(...,
+    check_device=False)``), so that a bad argument (dtype, head dim, 32-bit offsets) is reported as
+    such on any machine."""
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+
+
 def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: torch.dtype | None = None,
                     head_dim: int | None = None, softcap: float | None = None,
-                    sliding_window: int | None = None) -> str:
+                    sliding_window: int | None = None, check_device: bool = True) -> str:
     """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"`` or ``"flash"``.
 
     ``dtype``, ``head_dim`` and the attention options (``softcap``, ``sliding_window``; None when
     not asked for) let ``"auto"`` choose the flash backend only where it applies and let an explicit
     ``"flash"`` be refused with the reason. Raises ValueError for an unknown name or a backend the op
     does not have or cannot apply to these inputs, and RuntimeError, saying why, when the chosen
-    backend cannot run on ``device``.
+    backend cannot run on ``device``: with ``check_device=False`` only when Triton is not installed,
+    the caller then making the device check itself (``require_device``) after its argument checks.
     """
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
@@ -119,10 +131,8 @@ def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: tor
             requested = "auto"  # a global override to flash leaves the ops without one on auto
     if requested == "auto":
         return _auto(op, device, dtype, head_dim, softcap, sliding_window)
-    if requested == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+    if requested == "triton" and (check_device or not _TRITON_INSTALLED):
+        require_device(op, requested, device)
     if requested == "flash":
         if op not in FLASH_OPS:
             raise ValueError(f"{op}: has no 'flash' backend; use 'torch', 'triton' or 'auto'")
