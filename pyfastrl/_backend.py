@@ -100,16 +100,33 @@ def _auto(op, device, dtype, head_dim, softcap, sliding_window) -> str:
     return "triton" if triton_ok else "torch"
 
 
+def require_device(op: str, backend: str, device: torch.device) -> None:
+    """RuntimeError, saying why, when the Triton backend cannot run on ``device`` (CPU tensors without
+    Triton's interpreter), or the CUDA backend (extension not built, not CUDA tensors). Ops call it after their argument checks (``resolve_backend(...,
+    check_device=False)``), so that a bad argument (dtype, head dim, 32-bit offsets) is reported as
+    such on any machine."""
+    reason = None
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+    elif backend == "cuda":
+        from pyfastrl.kernels.grpo_loss import cuda
+
+        reason = cuda.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {backend!r} is not available: {reason}")
+
+
 def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: torch.dtype | None = None,
                     head_dim: int | None = None, softcap: float | None = None,
-                    sliding_window: int | None = None) -> str:
-    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"`` or ``"flash"``.
+                    sliding_window: int | None = None, check_device: bool = True) -> str:
+    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"``, ``"flash"`` or ``"cuda"``.
 
     ``dtype``, ``head_dim`` and the attention options (``softcap``, ``sliding_window``; None when
     not asked for) let ``"auto"`` choose the flash backend only where it applies and let an explicit
     ``"flash"`` be refused with the reason. Raises ValueError for an unknown name or a backend the op
     does not have or cannot apply to these inputs, and RuntimeError, saying why, when the chosen
-    backend cannot run on ``device``.
+    backend cannot run on ``device``: with ``check_device=False`` only when Triton is not installed,
+    the caller then making the device check itself (``require_device``) after its argument checks.
     """
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
@@ -123,18 +140,13 @@ def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: tor
             requested = "auto"  # a global override leaves the ops without that backend on auto
     if requested == "auto":
         return _auto(op, device, dtype, head_dim, softcap, sliding_window)
-    if requested == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: backend 'triton' is not available: {reason}")
+    if requested == "triton" and (check_device or not _TRITON_INSTALLED):
+        require_device(op, requested, device)
     if requested == "cuda":
         if op not in CUDA_OPS:
             raise ValueError(f"{op}: has no 'cuda' backend (ops with one: {', '.join(CUDA_OPS)})")
-        from pyfastrl.kernels.grpo_loss import cuda
-
-        reason = cuda.unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: backend 'cuda' is not available: {reason}")
+        if check_device:
+            require_device(op, requested, device)
     if requested == "flash":
         if op not in FLASH_OPS:
             raise ValueError(f"{op}: has no 'flash' backend; use 'torch', 'triton' or 'auto'")

@@ -65,11 +65,14 @@ def test_model_step_token_ratio_bound_matches_spec_example():
     assert bench.token_ratio_bound(4096, 512, 16) == 73_728 / 12_288 == 6.0
 
 
-def test_grpo_loss_methods_compute_the_same_loss_and_gradients():
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
+def test_grpo_loss_methods_compute_the_same_loss_and_gradients(cuda):
+    """Every method the benchmark times (Liger's too, where installed: the same dapo normalisation,
+    over this call's valid tokens) computes the reference loss and gradients."""
     bench = load_benchmark("grpo_loss")
-    inputs = bench.make_inputs(tokens=24, hidden=16, vocab=50, device=torch.device("cpu"), dtype=torch.float32,
-                               row_length=8)
-    methods, skipped = bench.build_methods(cuda=False)
+    inputs = bench.make_inputs(tokens=24, hidden=16, vocab=50, device=torch.device("cuda" if cuda else "cpu"),
+                               dtype=torch.float32, row_length=8)
+    methods, skipped = bench.build_methods(cuda=cuda)
     assert {"pyfastrl", "torch_unfused", "matmul_floor"} <= set(methods)
     assert set(methods) | set(skipped) >= {"liger_fused_linear", "liger_triton"}
     h, w = inputs[:2]

@@ -264,17 +264,19 @@ def test_fused_linear_more_than_65535_tokens(backend):
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_logits_kernel_with_gpu_tiles(level):
-    # The GPU's logits tiles (one token per program, vocab tiles of 4096) through the interpreter:
-    # V = 8,300 spans three vocab tiles, the last one partial.
+    # The GPU's logits tiles (one token per program, vocab tiles of 4096): through the interpreter
+    # without CUDA, compiled on a GPU. V = 8,300 spans three vocab tiles, the last one partial.
     h, w, b, targets, mask, adv, old, ref = lm_data(rows=2, length=3, hidden=8, vocab=8_300, seed=2)
     opts = loss_options("dapo", level, 0.04, 1.5)
-    leaves = [t.float().clone().requires_grad_() for t in (h, w, b)]
+    leaves = [t.to(DEVICE, torch.float32).clone().requires_grad_() for t in (h, w, b)]
     with gpu_tiles("sm90"):
-        loss, metrics = fused_linear_grpo_loss(*leaves[:2], targets, mask, bias=leaves[2], temperature=0.7,
-                                               advantages=adv.float(), old_per_token_logps=old.float(),
-                                               ref_per_token_logps=ref.float(), backend="triton", **opts)
+        loss, metrics = fused_linear_grpo_loss(
+            *leaves[:2], targets.to(DEVICE), mask.to(DEVICE), bias=leaves[2], temperature=0.7,
+            advantages=adv.to(DEVICE, torch.float32), old_per_token_logps=old.to(DEVICE, torch.float32),
+            ref_per_token_logps=ref.to(DEVICE, torch.float32), backend="triton", **opts)
         loss.backward()
-        logp = selective_logprobs(h.float(), w.float(), targets, bias=b.float(), temperature=0.7, backend="triton")
+        logp = selective_logprobs(*(t.detach() for t in leaves[:2]), targets.to(DEVICE), bias=leaves[2].detach(),
+                                  temperature=0.7, backend="triton")
     ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     expected_logp, entropy = naive_token_logprobs(*ref_leaves[:2], targets, ref_leaves[2], 0.7)
     expected, expected_metrics = naive_grpo_loss(expected_logp, mask, adv, old, ref, entropies=entropy.detach(), **opts)

@@ -165,6 +165,14 @@ def test_ops_without_a_cuda_backend_say_so():
         prefix_grouped_attention(q, q, q, layout, backend="cuda")
 
 
+def test_cuda_backend_refuses_float64_naming_torch():
+    # An argument error, so it comes before the device check: the same message on any machine.
+    logp = -torch.rand(2, 5, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="backend 'cuda' supports .* use backend='torch'"):
+        grpo_loss(logp, mask, advantages=torch.randn(2, dtype=torch.float64), backend="cuda")
+
+
 # -- on a GPU, with the extension built ------------------------------------------------------------------
 def _needs_extension():
     reason = grpo_cuda.unavailable_reason(torch.device("cuda"))

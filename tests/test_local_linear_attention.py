@@ -19,6 +19,15 @@ from pyfastrl.ops.local_linear_attention import _backward_op, _forward_op
 BACKENDS = ["torch", "triton"]
 # Max |got - float64 reference| / max |reference| for outputs and gradients (see assert_close).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# The Triton backend's dtype in the checks below: fp32 through the interpreter; bf16 on a GPU, whose
+# compiled kernels take 16-bit inputs only (fp32 is refused there by design: see
+# test_float32_on_gpu_is_routed_to_the_torch_backend).
+TRITON_DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+
+
+def dtype_of(backend):
+    """float64 for the torch backend (it computes in float64 whatever the inputs), TRITON_DTYPE for Triton."""
+    return torch.float64 if backend == "torch" else TRITON_DTYPE
 
 
 def make_inputs(batch, tokens, heads, kv_heads, head_dim, dtype=torch.float32, device=DEVICE, key_scale=1.0):
@@ -56,9 +65,9 @@ def assert_close(got, want, tolerance):
 @pytest.mark.parametrize("shape", [(2, 21, 4, 2), (1, 35, 2, 2), (1, 1, 2, 1)], ids=["gqa", "mha_2_blocks", "one_token"])
 def test_values_and_every_gradient_match_the_dense_reference(backend, shape):
     batch, tokens, heads, kv_heads = shape
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = make_inputs(batch, tokens, heads, kv_heads, 16, dtype)
-    ridge = torch.linspace(0.05, 2.0, heads, dtype=dtype, device=DEVICE)
+    ridge = torch.linspace(0.05, 2.0, heads, dtype=reference.accumulation_dtype(dtype), device=DEVICE)
     grad_out = torch.randn_like(q)
     got = op_and_grads(q, k, v, ridge, grad_out, softmax_scale=0.3, backend=backend, tolerance=1e-7)
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 0.3), TOLERANCE[dtype])
@@ -104,11 +113,11 @@ def test_torch_backend_chunking_does_not_change_the_result(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_views_are_read_in_place(backend):
     """(B, H, T, D) tensors transposed to (B, T, H, D), as transformers hands them over."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
                for t in make_inputs(1, 17, 2, 1, 16, dtype))
     assert not q.is_contiguous()
-    ridge = torch.tensor([0.4, 0.9], dtype=dtype, device=DEVICE)
+    ridge = torch.tensor([0.4, 0.9], dtype=reference.accumulation_dtype(dtype), device=DEVICE)
     grad_out = torch.randn_like(q)
     got = op_and_grads(q, k, v, ridge, grad_out, backend=backend, tolerance=1e-7)
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 0.25), TOLERANCE[dtype])
@@ -143,7 +152,7 @@ def effective_weights(q, k, ridge, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_effective_weights_sum_to_one_are_causal_and_can_be_negative(backend):
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, _ = (t.detach() for t in make_inputs(1, 12, 2, 2, 16, dtype))
     w = effective_weights(q, k, 0.05, backend)  # (B, T, H, T)
     torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]), atol=TOLERANCE[dtype] * 10, rtol=0)
@@ -154,7 +163,7 @@ def test_effective_weights_sum_to_one_are_causal_and_can_be_negative(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_first_output_is_the_first_value(backend):
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = (t.detach() for t in make_inputs(2, 5, 2, 1, 16, dtype))
     # fp32 loses ~|eta| |k| eps in 1 + eta.k_j - eta.kbar, and eta ~ |q - kbar| / lambda.
     out = local_linear_attention(q, k, v, ridge_lambda=0.01 if backend == "torch" else 0.1, backend=backend)
@@ -163,7 +172,7 @@ def test_first_output_is_the_first_value(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_infinite_ridge_is_softmax_attention(backend):
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = (t.detach() for t in make_inputs(1, 18, 4, 2, 16, dtype))
     out = local_linear_attention(q, k, v, ridge_lambda=1e12, backend=backend)
     softmax = torch.nn.functional.scaled_dot_product_attention(
@@ -181,7 +190,7 @@ def test_denominator_is_positive_and_equals_the_sherman_morrison_form():
         p = torch.softmax(0.5 * k1[: i + 1] @ q1[i], 0)
         x = k1[: i + 1] - q1[i]
         mu = p @ x
-        rho = torch.linalg.solve((p[:, None] * x).T @ x + 0.2 * torch.eye(4, dtype=torch.float64), mu)
+        rho = torch.linalg.solve((p[:, None] * x).T @ x + 0.2 * torch.eye(4, dtype=torch.float64, device=DEVICE), mu)
         denominator = 1 - mu @ rho
         assert denominator > 0
         torch.testing.assert_close(denominator, 1 / (1 - mu @ eta[0, i, 0]), atol=1e-12, rtol=0)
@@ -190,7 +199,7 @@ def test_denominator_is_positive_and_equals_the_sherman_morrison_form():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_are_max_shifted(backend):
     """Logits around +-300 overflow exp() without the running max; the result must stay exact."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = (t.detach() for t in make_inputs(1, 16, 2, 1, 16, dtype))
     q = q * 20
     out = local_linear_attention(q, k, v, ridge_lambda=0.5, backend=backend, tolerance=1e-7)
@@ -218,8 +227,8 @@ def test_uniform_weights_give_global_affine_ridge_regression():
     out = local_linear_attention(q, k, v, ridge_lambda=0.1, softmax_scale=1e-9, backend="torch")
     for i in range(12):
         n = i + 1
-        z = torch.cat([torch.ones(n, 1, dtype=torch.float64), k[0, :n, 0] - q[0, i, 0]], 1)
-        penalty = torch.diag(torch.tensor([0.0, 0.1, 0.1, 0.1], dtype=torch.float64))
+        z = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=DEVICE), k[0, :n, 0] - q[0, i, 0]], 1)
+        penalty = torch.diag(torch.tensor([0.0, 0.1, 0.1, 0.1], dtype=torch.float64, device=DEVICE))
         theta = torch.linalg.solve(z.T @ z / n + penalty, z.T @ v[0, :n, 0] / n)
         torch.testing.assert_close(out[0, i, 0], theta[0], atol=1e-7, rtol=0)
 
@@ -245,7 +254,7 @@ def test_in_context_linear_map_is_recovered_where_softmax_cannot():
 
 
 def test_solver_stops_on_convergence_and_reports_it():
-    q, k, v = (t.detach() for t in make_inputs(1, 40, 2, 1, 16))
+    q, k, v = (t.detach() for t in make_inputs(1, 40, 2, 1, 16, TRITON_DTYPE))
     out, stats = local_linear_attention(q, k, v, ridge_lambda=torch.tensor([10.0, 0.05], device=DEVICE),
                                         backend="triton", tolerance=1e-5, return_solver_stats=True)
     assert stats.iterations.shape[:2] == (1, 2) and stats.residual.shape == (1, 2, 40)
@@ -262,7 +271,7 @@ def test_torch_backend_reports_a_direct_solve():
 
 
 def test_iteration_cap_warns_with_the_residual_forward_and_backward():
-    q, k, v = make_inputs(1, 20, 1, 1, 16)
+    q, k, v = make_inputs(1, 20, 1, 1, 16, TRITON_DTYPE)
     with pytest.warns(RuntimeWarning, match=r"forward ridge solve reached max_iterations=2 with relative residual"):
         out = local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", max_iterations=2, validate=True)
     with pytest.warns(RuntimeWarning, match=r"backward \(adjoint\) ridge solve reached max_iterations=2"):
@@ -274,11 +283,13 @@ def test_iteration_cap_warns_with_the_residual_forward_and_backward():
 
 def test_by_default_an_unconverged_solve_is_reported_by_the_next_call():
     """No host synchronisation in the call: the residual summary is read on a later call."""
-    q, k, v = make_inputs(1, 20, 1, 1, 16)
+    q, k, v = make_inputs(1, 20, 1, 1, 16, TRITON_DTYPE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = local_linear_attention(q, k, v, ridge_lambda=0.01, backend="triton", max_iterations=2)
         out.sum().backward()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # the later call reports the copies that have landed by then
     with pytest.warns(RuntimeWarning) as record:
         local_linear_attention(q.detach(), k.detach(), v.detach(), ridge_lambda=1.0, backend="torch")
     messages = [str(w.message) for w in record]
@@ -289,9 +300,9 @@ def test_by_default_an_unconverged_solve_is_reported_by_the_next_call():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_path_never_reads_a_tensor_value_on_the_host(backend, monkeypatch):
     """Forward and backward without .item(), .tolist() or bool(tensor) (each a GPU synchronisation)."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = dtype_of(backend)
     q, k, v = make_inputs(1, 18, 2, 1, 16, dtype)
-    ridge = torch.tensor([0.5, 1.0], dtype=dtype, device=DEVICE, requires_grad=True)
+    ridge = torch.tensor([0.5, 1.0], dtype=reference.accumulation_dtype(dtype), device=DEVICE, requires_grad=True)
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("host synchronisation in the default path")
@@ -327,8 +338,9 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
 
 
 def test_module_learns_a_positive_per_head_lambda():
-    module = LocalLinearAttention(4, ridge_lambda=2.0, backend="torch").double()
-    torch.testing.assert_close(module.ridge_lambda, torch.full((4,), 2.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    module = LocalLinearAttention(4, ridge_lambda=2.0, backend="torch").double().to(DEVICE)
+    torch.testing.assert_close(module.ridge_lambda, torch.full((4,), 2.0, dtype=torch.float64, device=DEVICE),
+                               atol=1e-6, rtol=0)
     q, k, v = make_inputs(1, 9, 4, 2, 8, torch.float64)
     out = module(q, k, v)
     want = naive_local_linear_attention(q, k, v, module.ridge_lambda.detach(), 8**-0.5)
@@ -474,7 +486,19 @@ def test_torch_backend_is_exact_in_fp32_on_ill_conditioned_keys(tokens, head_dim
 
 
 def test_a_ridge_system_below_float64_rounding_is_an_error_naming_the_head():
-    # Keys 1e6 + noise: the raw second moment cancels to C with an error ~1e-4 > lambda = 1e-8.
-    q, k, v = make_inputs(1, 6, 2, 1, 4, torch.float64)
+    # Keys 1e6 + noise: the raw second moment cancels to C with an error ~1e-4 > lambda = 1e-8. The
+    # error is the CPU's (reading Cholesky's info there waits for no device): CPU tensors on any
+    # machine; on a GPU the failed rows come out NaN instead (test_gpu_failed_ridge_factors_are_nan).
+    q, k, v = make_inputs(1, 6, 2, 1, 4, torch.float64, device="cpu")
     with pytest.raises(RuntimeError, match=r"ridge system .* of query head \d+ at position \d+ .*larger ridge_lambda"):
         local_linear_attention(q, k.detach() + 1e6, v, ridge_lambda=1e-8, backend="torch")
+
+
+@pytest.mark.gpu
+def test_gpu_failed_ridge_factors_are_nan():
+    """On a GPU a ridge matrix that is not numerically positive definite gives NaN factors (hence NaN
+    outputs and gradients) without a host synchronisation; the other matrices factor as usual."""
+    matrices = torch.stack([torch.eye(3), -torch.eye(3), torch.eye(3) * 2]).double().cuda()
+    factors = reference.ridge_cholesky(matrices, lambda index: f"matrix {index}")
+    assert torch.isnan(factors[1]).all()
+    torch.testing.assert_close(factors[[0, 2]], torch.linalg.cholesky(matrices[[0, 2]]))

@@ -7,8 +7,8 @@ import torch
 
 from conftest import DEVICE
 from pyfastrl import PrefixGroupLayout, prefix_grouped_attention
-from pyfastrl._backend import BACKEND_ENV, resolve_backend
-from pyfastrl.kernels.launch_target import gpu_tiles
+from pyfastrl._backend import BACKEND_ENV, FLASH_OR_TRITON, resolve_backend
+from pyfastrl.kernels.launch_target import gpu_tiles, tile_target
 from pyfastrl.kernels.prefix_attention import kernel as prefix_kernel
 from pyfastrl.kernels.prefix_attention.reference import repeated_prefix_attention
 from pyfastrl.ops.prefix_attention import _forward_op
@@ -144,13 +144,17 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_auto_backend_and_environment_override(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert resolve_backend("op", "auto", cpu) == "torch"
-    monkeypatch.setenv(BACKEND_ENV, "triton")  # the interpreter is on in this test run
-    assert resolve_backend("op", "auto", cpu) == "triton"
-    assert resolve_backend("op", "torch", cpu) == "torch"  # an explicit choice wins
+    assert resolve_backend("op", "auto", cpu) == "torch"  # auto never takes the interpreter
+    assert resolve_backend("op", "auto", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    assert resolve_backend("op", "auto", DEVICE) == "triton"  # without CUDA: the interpreter this test run has on
+    assert resolve_backend("op", "torch", DEVICE) == "torch"  # an explicit choice wins
+    if DEVICE.type == "cuda":  # no interpreter with CUDA: CPU tensors cannot take the override
+        with pytest.raises(RuntimeError, match="need CUDA tensors"):
+            resolve_backend("op", "auto", cpu)
     monkeypatch.setenv(BACKEND_ENV, "gpu")
     with pytest.raises(ValueError, match=BACKEND_ENV):
-        resolve_backend("op", "auto", cpu)
+        resolve_backend("op", "auto", DEVICE)
 
 
 def test_unavailable_backend_says_why(monkeypatch):
@@ -159,6 +163,9 @@ def test_unavailable_backend_says_why(monkeypatch):
     q, k, v = make_inputs(layout, 2, 2, 16, torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
         prefix_grouped_attention(q, k, v, layout, backend="triton")
+    # A bad argument is reported before the device: the user learns of it on any machine.
+    with pytest.raises(TypeError, match="backend='torch'"):
+        prefix_grouped_attention(q.double(), k.double(), v.double(), layout, backend="triton")
 
 
 def _bad_input_cases():
@@ -334,9 +341,16 @@ def test_gpu_compiled_kernels_at_realistic_sizes(dtype, head_dim):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_backend_is_triton_and_compiles():
+def test_gpu_auto_backend_follows_the_inputs_and_compiles_to_the_eager_result(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
     layout = PrefixGroupLayout([256], [[128] * 4], device="cuda")
     q, k, v = make_inputs(layout, 8, 2, 128, torch.bfloat16, device="cuda")
-    assert resolve_backend("op", "auto", q.device) == "triton"
+    # bf16 at D=128: the measured FLASH_OR_TRITON entry, else flash (its kernels take these inputs).
+    chosen = resolve_backend("prefix_grouped_attention", "auto", q.device, dtype=q.dtype, head_dim=128)
+    assert chosen == FLASH_OR_TRITON.get((tile_target(q.device), torch.bfloat16, 128), "flash")
     fn = torch.compile(lambda q, k, v: prefix_grouped_attention(q, k, v, layout), fullgraph=True)
-    torch.testing.assert_close(fn(q, k, v), prefix_grouped_attention(q, k, v, layout, backend="triton"))
+    eager = prefix_grouped_attention(q, k, v, layout)
+    # The compiled graph calls the same custom op with the same backend (flash and triton differ by
+    # more than bf16's default tolerance here).
+    torch.testing.assert_close(fn(q, k, v), eager)
+    torch.testing.assert_close(eager, prefix_grouped_attention(q, k, v, layout, backend=chosen))

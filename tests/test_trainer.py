@@ -189,7 +189,7 @@ def test_bad_configs_and_datasets(tmp_path):
 def test_config_names_and_defaults_are_trls():
     """Every option GRPOConfig shares with TRL 1.16's has TRL's default (max_steps aside: TRL's -1 trains
     num_train_epochs, which this trainer does not have), and TRL's True/False spellings of scale_rewards."""
-    import trl
+    trl = pytest.importorskip("trl")  # pinned in requirements-cpu.txt (CI has it); not on every GPU machine
 
     theirs = {f.name: f for f in dataclasses.fields(trl.GRPOConfig)}
     shared = [f for f in dataclasses.fields(GRPOConfig)
@@ -222,15 +222,22 @@ def test_local_model_and_dataset_from_the_command_line(tmp_path, capsys):
     assert os.path.isdir(tmp_path / "out" / "checkpoint-2")
 
 
+def _torchrun_command():
+    """``torchrun --nproc_per_node 2``, its rendezvous on a free port (--standalone): torch before 2.13
+    otherwise takes port 29500, which a second run at the same time (pytest-xdist) cannot bind."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _torchrun(output_dir, *flags):
     """``torchrun --nproc_per_node 2 pyfastrl train`` on CPU over gloo: 3 steps of the default task,
     a checkpoint after each (step 2 reuses step 1's rollout, step 3 samples a new one)."""
     import subprocess
-    import sys
 
     config = output_dir.parent / f"{output_dir.name}.toml"
     config.write_text("save_steps = 1\nlogging_steps = 1\nprogress = false\nplot = false\n")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pyfastrl.cli", "train",
+    command = [*_torchrun_command(), "-m", "pyfastrl.cli", "train",
                "--output-dir", str(output_dir), "--max-steps", "3", "--warm-up-steps", "2", "--config", str(config),
                "--device", "cpu", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -361,14 +368,12 @@ def test_a_two_process_step_equals_one_process_on_both_rollouts(tmp_path, mode):
     single-process step on the two rollouts together, in float64, for a token-normalised (dapo) and a
     per-sequence (grpo) loss, with KL and old log-probs."""
     import subprocess
-    import sys
 
     script = tmp_path / "step.py"
     script.write_text(_STEP_ON_EACH_PROCESS)
     os.makedirs(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                             str(tmp_path / "run"), mode], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = subprocess.run([*_torchrun_command(), str(script), str(tmp_path / "run"), mode], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = torch.load(tmp_path / "run" / "steps.pt", weights_only=False)
     tokenizer = default_task.build_tokenizer()

@@ -27,13 +27,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 # (key block, warps) per tile target and padded head dim: the largest key blocks whose sm90 build
-# (triton.compile, cuobjdump -res-usage) uses no stack: 64 registers a thread at D <= 64 (32 keys,
-# 8 warps), 122 at D = 128 (16 keys: the D x D fp32 accumulator alone is 64 registers a thread).
-# Not timed on a GPU.
+# (triton.compile, cuobjdump -res-usage) uses no stack under Triton 3.6 and 3.8: at D <= 64 32 keys
+# and 8 warps (64-114 registers a thread); at D = 128 16 keys (tl.dot's minimum) and 16 warps
+# (82-89 registers: the D x D fp32 accumulator is 32 a thread), where 8 warps took 122 registers
+# under 3.8 and spilled 24 bytes to the stack under 3.6. Not timed on a GPU.
 def _tiles(target: str, block_d: int) -> tuple[int, int]:
     if target == "interpreter":
         return 16, 1
-    return (32 if block_d <= 64 else 16), 8
+    return (32, 8) if block_d <= 64 else (16, 16)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import require_device, resolve_backend
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
 from pyfastrl.ops._grpo_common import (
@@ -253,7 +253,7 @@ def _lm_head_inputs(op, hidden, weight, bias, target_ids, temperature, chunk_siz
     """Checks shared by the fused ops; returns the resolved backend, 1/temperature and chunk size."""
     check_tensor(op, "hidden", hidden, (2, 3), FLOAT_DTYPES)
     device = hidden.device
-    backend = resolve_backend(op, backend, device)
+    backend = resolve_backend(op, backend, device, check_device=False)
     check_tensor(op, "weight", weight, (2,), FLOAT_DTYPES, device)
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -281,6 +281,7 @@ def _lm_head_inputs(op, hidden, weight, bias, target_ids, temperature, chunk_siz
         chunk_size = _default_chunk_size(backend, vocab, weight.dtype)
     else:
         number(op, "chunk_size", chunk_size, above=0.0, integer=True)
+    require_device(op, backend, device)  # after the argument checks: those errors come first anywhere
     return backend, 1.0 / float(temperature), int(chunk_size)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import require_device, resolve_backend
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
 from pyfastrl.ops._grpo_common import (
@@ -222,7 +222,7 @@ def grpo_loss(
     op = "grpo_loss"
     check_tensor(op, "per_token_logps", per_token_logps, (1, 2), FLOAT_DTYPES)
     device = per_token_logps.device
-    backend = resolve_backend(op, backend, device)
+    backend = resolve_backend(op, backend, device, check_device=False)
     check_triton_dtype(op, backend, "per_token_logps", per_token_logps.dtype)
     valid = bool_mask(op, completion_mask, per_token_logps, "per_token_logps").reshape(-1).contiguous()
     dtype = reference.compute_dtype(per_token_logps.dtype)
@@ -232,6 +232,7 @@ def grpo_loss(
     same_shape(op, "entropies", entropies, per_token_logps, "per_token_logps")
     if setup.stage.top_entropy_quantile < 1.0 and entropies is None:
         raise ValueError(f"{op}: top_entropy_quantile < 1 masks tokens by entropy: pass entropies")
+    require_device(op, backend, device)  # after the argument checks: those errors come first anywhere
     validation.read()
     flat = per_token_logps.reshape(-1).contiguous()
     detached = flat.detach().to(dtype)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyfastrl._backend import BACKEND_ENV, resolve_backend
+from pyfastrl._backend import BACKEND_ENV, require_device, resolve_backend
 from pyfastrl.kernels.launch_target import tile_target
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.kernels.local_linear_attention.reference import accumulation_dtype
@@ -211,11 +211,6 @@ def _check_tensors(q, k, v, backend: str, validate: bool) -> None:
         )
     if backend == "triton":
         kernel = _triton_kernels()
-        if q.dtype == torch.float32 and tile_target(q.device) != "interpreter":
-            raise TypeError(
-                f"{_OP}: backend 'triton' on a GPU takes fp16/bf16 inputs (its fp32 3xTF32 products spill "
-                "registers); use backend='torch' for fp32, or cast q/k/v to bf16"
-            )
         if q.dtype not in kernel.SUPPORTED_DTYPES:
             raise TypeError(
                 f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch'"
@@ -224,6 +219,12 @@ def _check_tensors(q, k, v, backend: str, validate: bool) -> None:
             raise ValueError(
                 f"{_OP}: backend 'triton' supports head dims {kernel.HEAD_DIMS}, got D={head_dim}; "
                 "use backend='torch'"
+            )
+        # After the head dim: casting to bf16 is no way out of an unsupported head dim.
+        if q.dtype == torch.float32 and tile_target(q.device) != "interpreter":
+            raise TypeError(
+                f"{_OP}: backend 'triton' on a GPU takes fp16/bf16 inputs (its fp32 3xTF32 products spill "
+                "registers); use backend='torch' for fp32, or cast q/k/v to bf16"
             )
         largest = largest_element_offset(q, k, v)
         if largest >= 2**31:
@@ -321,11 +322,12 @@ def local_linear_attention(
     """
     if isinstance(q, torch.Tensor):
         automatic = backend == "auto" and os.environ.get(BACKEND_ENV, "auto") == "auto"
-        backend = resolve_backend(_OP, backend, q.device)
+        backend = resolve_backend(_OP, backend, q.device, check_device=False)
         if automatic and backend == "triton" and q.dtype == torch.float32 and q.device.type == "cuda":
             backend = "torch"  # the compiled kernels take 16-bit inputs (see _check_tensors)
     _deferred.report()
     _check_tensors(q, k, v, backend, validate)
+    require_device(_OP, backend, q.device)  # after the argument checks: those errors come first anywhere
     if causal is not True:
         raise ValueError(f"{_OP}: only causal=True is supported (non-causal LLA is not implemented), got {causal!r}")
     batch, num_tokens, num_heads, head_dim = q.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import resolve_backend
+from pyfastrl._backend import require_device, resolve_backend
 from pyfastrl.kernels.local_linear_attention import reference
 from pyfastrl.ops._attention_checks import positive_finite
 
@@ -140,10 +140,11 @@ def local_linear_attention_decode(
     """
     automatic = backend == "auto"
     if isinstance(q, torch.Tensor):
-        backend = resolve_backend(_OP, backend, q.device)
+        backend = resolve_backend(_OP, backend, q.device, check_device=False)
         if automatic and backend == "triton" and (q.dtype == torch.float64 or q.shape[-1] > 128):
             backend = "torch"
     _check(q, k_cache, v_cache, cache_seqlens, backend, validate)
+    require_device(_OP, backend, q.device)  # after the argument checks: those errors come first anywhere
     batch, num_heads, head_dim = q.shape
     scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)
     ridge = _ridge(ridge_lambda, num_heads, reference.accumulation_dtype(q.dtype), q.device)

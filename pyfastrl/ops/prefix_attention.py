@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import BACKENDS, resolve_backend
+from pyfastrl._backend import BACKENDS, require_device, resolve_backend
 from pyfastrl.kernels.prefix_attention import reference
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite, window_length
 from pyfastrl.layout import PrefixGroupLayout
@@ -179,7 +179,7 @@ def _resolve(requested: str, q: torch.Tensor, softcap, sliding_window) -> str:
     Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to ``"torch"``."""
     head_dim = q.shape[-1] if q.dim() else None
     backend = resolve_backend(_OP, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, check_device=False)
     if (requested == "auto" and backend == "triton" and q.dim() == 3
             and _triton_kernels().unsupported_reason(q.dtype, head_dim, q.device) is not None):
         return "torch"
@@ -241,6 +241,7 @@ def prefix_grouped_attention(
     if isinstance(q, torch.Tensor):
         backend = _resolve_tree(backend) if tree else _resolve(backend, q, softcap, sliding_window)
     _check_inputs(q, k, v, layout, backend)
+    require_device(_OP, backend, q.device)  # after the argument checks: those errors come first anywhere
     head_dim = q.shape[2]
     scale = head_dim**-0.5 if softmax_scale is None else positive_finite(_OP, "softmax_scale", softmax_scale)
     cap = 0.0 if softcap is None else positive_finite(_OP, "softcap", softcap)

@@ -478,9 +478,11 @@ class GRPOTrainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.model, options=options)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        # CUDA's generators only where this process uses CUDA: reading them would otherwise create a
+        # CUDA context on every process of a CPU run (torchrun --device cpu on a GPU machine).
         processes = _gather_to_rank0({
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
             "rollout": None if self.rollout is None else self.rollout.to("cpu"),
         })
         if self.rank != 0:
