@@ -29,9 +29,11 @@ FLASH_OPS = ("prefix_grouped_attention",)
 # Ops that have a "cuda" backend (the extension's kernels).
 CUDA_OPS = ("grpo_loss",)
 # Measured "flash" or "triton" per (architecture "sm80"/"sm90", dtype, head dim), from
-# `pyfastrl bench prefix-attention` on a lent GPU. Empty until measured: "auto" then takes "flash"
-# wherever its kernels apply.
-FLASH_OR_TRITON: dict[tuple[str, torch.dtype, int], str] = {}
+# `pyfastrl bench prefix-attention` on a lent GPU; where there is no entry, "auto" takes "flash"
+# wherever its kernels apply. sm90 bf16 D=128: H100, torch 2.11, triton 3.6, forward + backward,
+# Hq 32 / Hkv 8: triton 1.50 ms vs flash 1.66 ms (P=1024, 4 x 256), 8.23 vs 9.48 ms (P=4096, 16 x 512)
+# (benchmarks/results/h100-2026-11-25).
+FLASH_OR_TRITON: dict[tuple[str, torch.dtype, int], str] = {("sm90", torch.bfloat16, 128): "triton"}
 # Which kernels merge the flash backend's two partial results on CUDA: "triton", or "cuda" (the
 # optional extension, csrc/attention_merge) once a lent GPU has run its tests and measured it
 # faster. PYFASTRL_FLASH_MERGE=cuda|triton overrides (e.g. to test the extension on a GPU).

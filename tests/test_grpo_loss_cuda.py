@@ -180,10 +180,17 @@ def _needs_extension():
         pytest.skip(f"CUDA backend: {reason}")
 
 
-def _call(logp, mask, backend, case, **extra):
+def _old_and_ref(logp):
+    """Behaviour and reference log-probs near ``logp``, rounded to its dtype: pass ``.double()`` of
+    them to the float64 run, so both backends see the same values."""
+    old = (logp.double() + 0.3 * torch.randn_like(logp, dtype=torch.float64)).to(logp.dtype)
+    ref = (logp.double() + 0.2 * torch.randn_like(logp, dtype=torch.float64)).to(logp.dtype)
+    return old, ref
+
+
+def _call(logp, mask, backend, case, old, ref, **extra):
     loss_type, sequence_level, delta, beta, kl_estimator, kl_ratio = case
-    old = (logp.detach().double() + 0.3 * torch.randn_like(logp, dtype=torch.float64)).to(logp.dtype)
-    ref = (logp.detach().double() + 0.2 * torch.randn_like(logp, dtype=torch.float64)).to(logp.dtype)
+    old, ref = old.to(logp.dtype), ref.to(logp.dtype)
     return grpo_loss(logp, mask, old_per_token_logps=old, ref_per_token_logps=ref, loss_type=loss_type,
                      importance_sampling_level="sequence" if sequence_level else "token", delta=delta, beta=beta,
                      kl_estimator=kl_estimator, use_bias_correction_kl=kl_ratio, backend=backend,
@@ -201,11 +208,11 @@ def test_gpu_cuda_backend_matches_float64(case, dtype):
     mask = torch.rand(rows, width, device="cuda") < 0.8
     mask[3] = False  # a fully masked row
     advantages = torch.randn(rows, device="cuda")
+    old, ref = _old_and_ref(logp)
     results = {}
     for backend, inputs in (("cuda", logp), ("torch", logp.double())):
         leaf = inputs.clone().requires_grad_()
-        torch.manual_seed(1)  # the same old / ref draws
-        loss, metrics = _call(leaf, mask, backend, case, advantages=advantages.to(leaf.dtype))
+        loss, metrics = _call(leaf, mask, backend, case, old, ref, advantages=advantages.to(leaf.dtype))
         loss.backward()
         results[backend] = (loss, metrics, leaf.grad)
     (loss, metrics, grad), (want_loss, want_metrics, want_grad) = results["cuda"], results["torch"]
@@ -229,6 +236,7 @@ def test_gpu_cuda_backend_packed_long_rows_and_no_sync():
     logp = (-torch.rand(n, device="cuda") * 3).to(torch.bfloat16)
     mask = torch.rand(n, device="cuda") < 0.9
     advantages = torch.randn(len(lengths), device="cuda")
+    old, ref = _old_and_ref(logp)
     want = None
     for backend in ("torch", "cuda"):
         leaf = (logp.double() if backend == "torch" else logp).clone().requires_grad_()
@@ -236,8 +244,8 @@ def test_gpu_cuda_backend_packed_long_rows_and_no_sync():
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            torch.manual_seed(1)
-            loss, metrics = _call(leaf, mask, backend, CASES[1], advantages=advantages.to(leaf.dtype), cu_seqlens=cu)
+            loss, metrics = _call(leaf, mask, backend, CASES[1], old, ref, advantages=advantages.to(leaf.dtype),
+                                  cu_seqlens=cu)
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -403,7 +403,7 @@ def _bad(name):
         q, k, v = (t.double() for t in (q, k, v))
         kwargs["backend"] = "triton"
     elif name == "backend_name":
-        kwargs["backend"] = "cuda"
+        kwargs["backend"] = "gpu"
     return q, k, v, kwargs
 
 

@@ -298,8 +298,9 @@ def test_gpu_auto_follows_the_measured_table(monkeypatch):
     cuda = torch.device("cuda")
     assert resolve_backend(OP, "auto", cuda, dtype=torch.bfloat16, head_dim=128) == FLASH_OR_TRITON.get(
         (tile_target(cuda), torch.bfloat16, 128), "flash")
-    monkeypatch.setitem(FLASH_OR_TRITON, (tile_target(cuda), torch.bfloat16, 128), "triton")
-    assert resolve_backend(OP, "auto", cuda, dtype=torch.bfloat16, head_dim=128) == "triton"
+    for measured in ("flash", "triton"):
+        monkeypatch.setitem(FLASH_OR_TRITON, (tile_target(cuda), torch.bfloat16, 128), measured)
+        assert resolve_backend(OP, "auto", cuda, dtype=torch.bfloat16, head_dim=128) == measured
     assert resolve_backend(OP, "auto", cuda, dtype=torch.float32, head_dim=128) == "triton"  # flash: fp16/bf16
 
 

@@ -142,8 +142,8 @@ def check_cu_seqlens(op: str, cu_seqlens, num_tokens: int, device, validation: V
     check_tensor(op, "cu_seqlens", cu_seqlens, (1,), INDEX_DTYPES, device)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must hold B+1 >= 2 offsets, got {cu_seqlens.numel()}")
-    ends = torch.stack([cu_seqlens[0], cu_seqlens[-1]])
-    validation.add((ends != torch.tensor([0, num_tokens], device=device)).any(),
+    # Compared with Python numbers: a tensor built from host numbers would be a copy to the device (a sync).
+    validation.add((cu_seqlens[0] != 0) | (cu_seqlens[-1] != num_tokens),
                    lambda: f"cu_seqlens must start at 0 and end at the number of tokens ({num_tokens}), "
                            f"got {cu_seqlens[0].item()} ... {cu_seqlens[-1].item()}")
     steps = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -399,7 +399,8 @@ def row_weights(op, counts: torch.Tensor, loss_type: str, dtype, max_completion_
         normaliser = num_items_in_batch.reshape(()).to(device=counts.device, dtype=dtype).clamp(min=1)
     else:
         value = number(op, "num_items_in_batch", num_items_in_batch, at_least=0.0)
-        normaliser = torch.tensor(max(float(value), 1.0), dtype=dtype, device=counts.device)
+        # torch.full, not torch.tensor: a fill kernel rather than a copy from the host (a sync).
+        normaliser = torch.full((), max(float(value), 1.0), dtype=dtype, device=counts.device)
     return (1.0 / normaliser).expand(num_rows).contiguous()
 
 
@@ -482,7 +483,7 @@ def policy_weights(logp, entropy, valid, rows, counts, old, sampling, advantages
 def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     """Min / max ignoring NaN; NaN when every value is NaN (TRL's ``nanmin`` / ``nanmax``)."""
     if x.numel() == 0:
-        return x.new_tensor(float("nan"))
+        return x.new_full((), float("nan"))
     fill = -torch.inf if largest else torch.inf
     filled = torch.where(torch.isnan(x), fill, x)
     value = filled.max() if largest else filled.min()
