@@ -16,9 +16,12 @@ def test_readme_api_example_runs():
         namespace = {}
         exec(compile(block, "README.md", "exec"), namespace)
         results.append(namespace)
-    api, model, grpo, lla, lla_model = results
+    api, tree, model, grpo, lla, lla_model = results
     assert api["T"] == 28 and api["out"].shape == (28, 8, 64)
     assert api["q"].grad is not None
+    # The three sequences share [1, 2]; two of them share [1, 2, 3]: 7 packed tokens, not 12.
+    assert tree["layout"].total_tokens == 7 and tree["layout"].parents == [-1, 0, 1, 1, 0]
+    assert [i.tolist() for i in tree["token_index"]] == [[0, 1, 2, 3], [0, 1, 2, 4, 5], [0, 1, 6]]
     assert model["logprobs"].shape == (3, 3) and model["mask"].sum().item() == 6
     assert grpo["advantages"][2:].eq(0).all() and grpo["advantages"][:2].ne(0).all()
     assert grpo["hidden"].grad.shape == (4, 6, 32) and grpo["lm_head"].grad.abs().sum() > 0
