@@ -3,7 +3,8 @@
     pyfastrl demo   grouped attention on a built-in ragged GRPO-like batch, checked against the
                     repeated-prompt computation (forward and gradients); exits 1 beyond tolerance
     pyfastrl verify grouped vs repeated batch on a transformers model (built-in tiny config or a local
-                    directory): completion log-probs and every parameter gradient; exits 1 beyond tolerance
+                    directory): completion log-probs and every parameter gradient; exits 1 beyond tolerance.
+                    --tree: the same for prefix trees (multi-turn conversations vs one row per sequence)
     pyfastrl train  GRPO training: the built-in default (tiny model, bundled tokenizer, synthetic task),
                     or a local model directory and a JSONL dataset
     pyfastrl bench  kernel microbenchmarks beside their peers (benchmarks/harness.py; CUDA, or --cpu)
@@ -96,7 +97,18 @@ def _demo(args) -> int:
     return 1 if failed else 0
 
 
+# Defaults of `pyfastrl verify` (one-level groups) and `pyfastrl verify --tree` (multi-turn trees).
+VERIFY_DEFAULTS = {"group_size": 4, "num_prompts": 2, "prompt_len": 64, "completion_len": 32}
+VERIFY_TREE_DEFAULTS = {"group_size": 2, "num_prompts": 2, "prompt_len": 32, "completion_len": 16, "turns": 3}
+
+
 def _verify(args) -> int:
+    defaults = VERIFY_TREE_DEFAULTS if args.tree else VERIFY_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.tree:
+        return _verify_tree(args)
     from pyfastrl.integrations.transformers import verify_equivalence
 
     print(f"verifying {args.model}: {args.num_prompts} prompts x {args.group_size} completions, prompts up to "
@@ -105,6 +117,24 @@ def _verify(args) -> int:
         args.model, group_size=args.group_size, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
         completion_len=args.completion_len, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed,
         padding_side=args.padding_side, gradient_checkpointing=args.gradient_checkpointing,
+        tolerance=args.tolerance,
+    )
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
+def _verify_tree(args) -> int:
+    from pyfastrl.integrations.transformers_tree import verify_tree_equivalence
+
+    trajectories = args.num_prompts * args.group_size ** args.turns
+    print(f"verifying {args.model} on prefix trees: {args.num_prompts} conversations, {args.turns} turns, "
+          f"{args.group_size} sampled replies per turn ({trajectories} trajectories + {args.num_prompts} first "
+          f"replies), system prompts up to {args.prompt_len} tokens, user turns and replies up to "
+          f"{args.completion_len}, {args.dtype} ...", flush=True)
+    report = verify_tree_equivalence(
+        args.model, num_conversations=args.num_prompts, turns=args.turns, samples_per_turn=args.group_size,
+        prompt_len=args.prompt_len, turn_len=args.completion_len, dtype=DTYPES[args.dtype], device=args.device,
+        seed=args.seed, padding_side=args.padding_side, gradient_checkpointing=args.gradient_checkpointing,
         tolerance=args.tolerance,
     )
     print(report.summary())
@@ -201,17 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
         "where attention logits are soft-capped, which SDPA ignores) and the grouped batch "
         "(pyfastrl_prefix attention) on the same random rollout, forward and backward through a GRPO-like "
         "loss, and reports the max differences of completion log-probs and of every parameter gradient "
-        "(worst parameters named), token counts and wall times. Exits 1 beyond tolerance.",
+        "(worst parameters named), token counts and wall times. With --tree: random multi-turn conversations "
+        "(a system prompt, then per turn a user message and several sampled replies) packed as one prefix tree "
+        "against one padded row per sequence, comparing the log-probs of every reply token. Exits 1 beyond "
+        "tolerance.",
     )
     from pyfastrl.integrations.transformers import TINY_CONFIGS
 
     verify.add_argument("--model", default="tiny-llama",
                         help=f"local HF model directory, or a built-in tiny config: {', '.join(TINY_CONFIGS)} "
                         "(default tiny-llama)")
-    verify.add_argument("--group-size", type=int, default=4, help="completions per prompt (default 4)")
-    verify.add_argument("--num-prompts", type=int, default=2, help="prompts (default 2)")
-    verify.add_argument("--prompt-len", type=int, default=64, help="longest prompt; lengths drawn from len/2..len")
-    verify.add_argument("--completion-len", type=int, default=32, help="longest completion (default 32)")
+    verify.add_argument("--group-size", type=int, default=None,
+                        help="completions per prompt (default 4); with --tree sampled replies per turn (default 2)")
+    verify.add_argument("--num-prompts", type=int, default=None,
+                        help="prompts (default 2); with --tree conversations (default 2)")
+    verify.add_argument("--prompt-len", type=int, default=None,
+                        help="longest prompt, lengths drawn from len/2..len (default 64; with --tree the "
+                        "system prompt, default 32)")
+    verify.add_argument("--completion-len", type=int, default=None,
+                        help="longest completion (default 32; with --tree user turns and replies, default 16)")
+    verify.add_argument("--tree", action="store_true",
+                        help="check prefix trees instead: random multi-turn conversations sharing prefixes at "
+                        "several depths, packed as one tree (build_tree_batch) vs one padded row per sequence")
+    verify.add_argument("--turns", type=int, default=None, help="with --tree: turns per conversation (default 3)")
     verify.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
     verify.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
     verify.add_argument("--padding-side", choices=["left", "right"], default="left",
@@ -280,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("group_size", "suffix_len", "heads", "kv_heads", "head_dim"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.command == "verify" and args.turns is not None and not args.tree:
+        parser.error("--turns applies to --tree only")
     try:
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, FileExistsError) as error:

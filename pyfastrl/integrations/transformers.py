@@ -289,7 +289,7 @@ def build_repeated_batch(prompt_ids, completion_ids, *, padding_side="right", pa
 # Log-probs
 # ---------------------------------------------------------------------------------------------------
 def completion_logprobs(model, batch, *, temperature: float = 1.0, return_entropy: bool = False):
-    """Per-token log-probs of every completion token, for a grouped or a repeated batch.
+    """Per-token log-probs of every completion token, for a grouped, a repeated or a tree batch.
 
     The LM head runs only at the positions that predict completion tokens (``logits_to_keep``),
     never on prompt positions; model-specific logit processing (e.g. Gemma2's final soft-capping)
@@ -298,8 +298,14 @@ def completion_logprobs(model, batch, *, temperature: float = 1.0, return_entrop
     Returns:
         logprobs ``(N, S_max)`` (zero where masked), mask ``(N, S_max)`` bool, and with
         ``return_entropy`` the per-token entropy ``(N, S_max)``; N completions in the order of
-        ``completion_ids``.
+        ``completion_ids``. For a ``TreeBatch`` (``build_tree_batch``): ``(N, max_completion_len)``
+        with row i the log-probs of sequence i's masked tokens in token order, from one forward over
+        the packed tree (``transformers_tree.tree_completion_logprobs``, no host-device sync).
     """
+    from pyfastrl.integrations.transformers_tree import TreeBatch, tree_completion_logprobs
+
+    if isinstance(batch, TreeBatch):
+        return tree_completion_logprobs(model, batch, temperature=temperature, return_entropy=return_entropy)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     config = model.config
@@ -322,7 +328,7 @@ def completion_logprobs(model, batch, *, temperature: float = 1.0, return_entrop
         logits = model(**batch.model_inputs(), logits_to_keep=columns, use_cache=False).logits
         logits = logits[batch.logit_index // width, where]
     else:
-        raise TypeError(f"batch must be a GroupedBatch or RepeatedBatch, got {type(batch).__name__}")
+        raise TypeError(f"batch must be a GroupedBatch, RepeatedBatch or TreeBatch, got {type(batch).__name__}")
 
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_probs = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
@@ -340,9 +346,9 @@ def completion_logprobs(model, batch, *, temperature: float = 1.0, return_entrop
 def completion_hidden_states(model, batch) -> torch.Tensor:
     """The final hidden states at the positions that predict completion tokens, ``(K, H)`` in
     completion order (as ``batch.target_ids``): what ``fused_linear_grpo_loss`` takes with the LM head
-    ``model.get_output_embeddings()``, so the logits are never materialised. Works on a grouped or
-    a repeated batch. Models that post-process logits (final soft-capping) are refused: the fused
-    loss would skip that step."""
+    ``model.get_output_embeddings()``, so the logits are never materialised. Works on a grouped, a
+    repeated or a tree batch (``build_tree_batch``). Models that post-process logits (final
+    soft-capping) are refused: the fused loss would skip that step."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "final_logit_softcapping", None) is not None:
         raise NotImplementedError(
@@ -357,7 +363,11 @@ def completion_hidden_states(model, batch) -> torch.Tensor:
     if isinstance(batch, RepeatedBatch):
         hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state
         return hidden.flatten(0, 1).index_select(0, batch.logit_index)
-    raise TypeError(f"batch must be a GroupedBatch or RepeatedBatch, got {type(batch).__name__}")
+    from pyfastrl.integrations.transformers_tree import TreeBatch, tree_hidden_states
+
+    if isinstance(batch, TreeBatch):
+        return tree_hidden_states(model, batch)
+    raise TypeError(f"batch must be a GroupedBatch, RepeatedBatch or TreeBatch, got {type(batch).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,6 +428,9 @@ class EquivalenceReport:
     tokens_grouped: int
     seconds_repeated: float
     seconds_grouped: float
+    # "grouped" (verify_equivalence: one-level groups vs repeated prompts) or "tree"
+    # (verify_tree_equivalence: a prefix tree vs one padded row per sequence).
+    batch_kind: str = "grouped"
 
     @property
     def worst_grads(self) -> list:
@@ -429,18 +442,20 @@ class EquivalenceReport:
         return self.logprob_rel <= self.tolerance and worst <= self.tolerance
 
     def summary(self, top: int = 5) -> str:
+        kind = self.batch_kind
+        ref = "repeated" if kind == "grouped" else "per-sequence"
         lines = [
             f"model {self.model} ({self.dtype}); tolerance {self.tolerance:.0e} (relative to the largest value)",
-            f"repeated batch: transformers {self.reference_attention!r} attention; grouped batch: "
+            f"{ref} batch: transformers {self.reference_attention!r} attention; {kind} batch: "
             f"{ATTN_IMPLEMENTATION!r}",
-            f"tokens through the model: repeated {self.tokens_repeated:,} -> grouped {self.tokens_grouped:,} "
+            f"tokens through the model: {ref} {self.tokens_repeated:,} -> {kind} {self.tokens_grouped:,} "
             f"({self.tokens_repeated / self.tokens_grouped:.2f}x fewer)",
-            f"forward+backward wall time: repeated {self.seconds_repeated:.3f} s, grouped {self.seconds_grouped:.3f} s",
+            f"forward+backward wall time: {ref} {self.seconds_repeated:.3f} s, {kind} {self.seconds_grouped:.3f} s",
             f"completion log-probs: max abs diff {self.logprob_abs:.3e}, relative {self.logprob_rel:.3e}",
             f"parameter gradients ({len(self.grad_rel)} tensors), worst {min(top, len(self.grad_rel))}:",
         ]
         lines += [f"  {name:<60} abs {a:.3e}  rel {r:.3e}" for name, (a, r) in self.worst_grads[:top]]
-        lines.append("PASS: grouped and repeated batches give the same log-probs and gradients" if self.passed
+        lines.append(f"PASS: {kind} and {ref} batches give the same log-probs and gradients" if self.passed
                      else "FAIL: differences exceed the tolerance")
         return "\n".join(lines)
 
@@ -483,11 +498,30 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
             model's device, else CUDA if available. A loaded model gets its attention implementation,
             train/eval mode and gradient-checkpointing setting back afterwards; its gradients are cleared.
         padding_side: padding of the repeated batch. tolerance: relative, default ``TOLERANCES[dtype]``.
-    """
-    import time
 
+    ``verify_tree_equivalence`` (``transformers_tree``) is the same check for prefix trees.
+    """
     if group_size < 1 or num_prompts < 1 or prompt_len < 1 or completion_len < 1:
         raise ValueError("group_size, num_prompts, prompt_len and completion_len must be >= 1")
+
+    def batches(vocab, generator, pad_token_id, device):
+        prompts, completions = _random_rollout(vocab, num_prompts, group_size, prompt_len, completion_len, generator)
+        repeated = build_repeated_batch(prompts, completions, padding_side=padding_side, pad_token_id=pad_token_id,
+                                        device=device)
+        return repeated, build_grouped_batch(prompts, completions, device=device)
+
+    return _compare_batches(model, batches, batch_kind="grouped", dtype=dtype, device=device, seed=seed,
+                            gradient_checkpointing=gradient_checkpointing, tolerance=tolerance)
+
+
+def _compare_batches(model, batches, *, batch_kind: str, dtype, device, seed: int, gradient_checkpointing: bool,
+                     tolerance: float | None) -> EquivalenceReport:
+    """The body of ``verify_equivalence`` and ``verify_tree_equivalence``: load ``model``, build
+    ``(reference_batch, packed_batch) = batches(vocab, generator, pad_token_id, device)`` (the
+    reference a ``RepeatedBatch``), draw one advantage per row of the log-probs from the same
+    generator, and compare log-probs and gradients of a GRPO-like loss."""
+    import time
+
     register()
     if device is None and not isinstance(model, str):
         device = next(model.parameters()).device
@@ -518,9 +552,8 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
     model.train()
 
     generator = torch.Generator().manual_seed(seed)
-    prompts, completions = _random_rollout(model.config.vocab_size, num_prompts, group_size, prompt_len,
-                                           completion_len, generator)
-    advantages = torch.randn(num_prompts * group_size, generator=generator, dtype=torch.float64).to(device)
+    repeated, packed = batches(model.config.vocab_size, generator, model.config.pad_token_id or 0, device)
+    advantages = torch.randn(repeated.completion_lens.numel(), generator=generator, dtype=torch.float64).to(device)
     original = model.config._attn_implementation
     reference = _reference_attention(model.config)
 
@@ -541,11 +574,8 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
         return logprobs.detach().double(), grads, seconds
 
     try:
-        repeated = build_repeated_batch(prompts, completions, padding_side=padding_side,
-                                        pad_token_id=model.config.pad_token_id or 0, device=device)
-        grouped = build_grouped_batch(prompts, completions, device=device)
         lp_rep, grads_rep, sec_rep = step(repeated, reference)
-        lp_grp, grads_grp, sec_grp = step(grouped, ATTN_IMPLEMENTATION)
+        lp_grp, grads_grp, sec_grp = step(packed, ATTN_IMPLEMENTATION)
     finally:
         model.set_attn_implementation(original)
         model.train(was_training)
@@ -563,6 +593,19 @@ def verify_equivalence(model="tiny-llama", *, group_size: int = 4, num_prompts: 
     return EquivalenceReport(
         model=name, dtype=str(dtype).replace("torch.", ""), reference_attention=reference, tolerance=tolerance,
         logprob_abs=lp_abs, logprob_rel=rel(lp_abs, lp_rep), grad_rel=grad_rel,
-        tokens_repeated=repeated.input_ids.numel(), tokens_grouped=grouped.input_ids.numel(),
-        seconds_repeated=sec_rep, seconds_grouped=sec_grp,
+        tokens_repeated=repeated.input_ids.numel(), tokens_grouped=packed.input_ids.numel(),
+        seconds_repeated=sec_rep, seconds_grouped=sec_grp, batch_kind=batch_kind,
     )
+
+
+# Prefix trees (transformers_tree imports this module, so its names are loaded on first access).
+_TREE_NAMES = ("TreeBatch", "build_tree_batch", "build_sequence_batch", "verify_tree_equivalence",
+               "random_tree_sequences")
+
+
+def __getattr__(name):
+    if name in _TREE_NAMES:
+        from pyfastrl.integrations import transformers_tree
+
+        return getattr(transformers_tree, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
