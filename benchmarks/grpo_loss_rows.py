@@ -11,6 +11,12 @@ of the GPU idle. Forward + backward (dL/dlogp). Methods:
   pyfastrl_cuda    grpo_loss, backend "cuda" (csrc/grpo_loss: chunked over the tokens), if built
   pyfastrl_torch   grpo_loss, backend "torch" (CUDA runs)
   torch_unfused    the baseline: TRL's formulas on the (rows, row_length) batch, autograd
+  row_kernels_cuda, row_kernels_triton   (CUDA) the backends' row kernels alone, forward partials
+                   then dL/dlogp, on per-token advantages prepared outside the timing: what the
+                   kernels themselves reach, without the op's PyTorch around them. They move
+                   ``ROW_KERNEL_BYTES`` per token (logp, old, ref, mask, advantage read twice, dL/dlogp
+                   written), more than the op's useful bytes the GB/s column counts: their fraction
+                   of the copy roofline is that column's times ROW_KERNEL_BYTES / useful bytes per token
 Useful bytes, the same for every method: log-probs read twice (forward and backward) and dL/dlogp
 written (bf16), old and reference log-probs (fp32) read twice, the mask (1 byte) read twice, the
 per-row advantages once. The issue's target: the CUDA kernels at >= 80% of the copy roofline at 1M
@@ -26,12 +32,14 @@ import harness
 from pyfastrl import grpo_loss
 
 NAME = "grpo-loss-rows"
-PLOT = {"x": "tokens", "series": "row_length", "baseline": "torch_unfused", "ours": "pyfastrl"}
+PLOT = {"x": "tokens", "series": "row_length", "baseline": "torch_unfused", "ours": "pyfastrl",
+        "not_peers": ("row_kernels_cuda", "row_kernels_triton")}
 # (tokens, row length): 1M tokens in rows of 1,024 and in 8 rows of 131,072; 4M in rows of 4,096.
 CUDA_GRID = [(1 << 20, 1024), (1 << 20, 1 << 17), (1 << 22, 4096)]
 QUICK_GRID = [(1 << 20, 1024), (1 << 20, 1 << 17)]
 CPU_GRID = [(1 << 14, 512)]
 LOSS = dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.04)
+ROW_KERNEL_BYTES = 2 * (2 + 4 + 4 + 1 + 4) + 2  # bf16 logp, fp32 old/ref/advantage, mask, twice; bf16 dL/dlogp
 
 
 def useful_bytes(tokens: int, rows: int, element_size: int) -> float:
@@ -48,6 +56,27 @@ def make_inputs(tokens: int, row_length: int, device, dtype, seed: int):
     cu = torch.arange(0, tokens + 1, row_length, device=device)
     advantages = torch.randn(rows, device=device, generator=g)
     return logp, old, ref, mask, cu, advantages
+
+
+def row_kernels(backend: str):
+    """The backend's row kernels alone (forward partials, then dL/dlogp with row weights 1/N): returns
+    ``(partials, dlogp)``."""
+    from pyfastrl.kernels.grpo_loss.reference import LossOptions
+    from pyfastrl.ops._grpo_common import implementation
+
+    opts = LossOptions("dapo", False, 0.2, 0.28, None, 0.04, "k3", True, 1.0, 1.05)
+    per_token = {}  # per input set, prepared once: the op's setup is not what is timed here
+
+    def call(logp, old, ref, mask, cu, advantages):
+        key = id(advantages)
+        if key not in per_token:
+            row_grad = torch.full_like(advantages, 1.0 / logp.numel())
+            per_token[key] = (advantages.repeat_interleave(logp.numel() // advantages.numel()), row_grad)
+        adv, row_grad = per_token[key]
+        impl = implementation(backend)
+        partials = impl.loss_forward(logp, old, ref, None, mask, cu, adv, opts)
+        return partials, impl.loss_backward(row_grad, logp, old, ref, None, mask, cu, adv, opts)
+    return call
 
 
 def build_methods(cuda: bool):
@@ -74,9 +103,11 @@ def build_methods(cuda: bool):
         reason = grpo_cuda.unavailable_reason(torch.device("cuda"))
         if reason is None:
             methods["pyfastrl_cuda"] = ours("cuda")
+            methods["row_kernels_cuda"] = row_kernels("cuda")
         else:
-            skipped["pyfastrl_cuda"] = reason
+            skipped["pyfastrl_cuda"] = skipped["row_kernels_cuda"] = reason
         methods["pyfastrl_torch"] = ours("torch")
+        methods["row_kernels_triton"] = row_kernels("triton")
     methods["torch_unfused"] = unfused
     return methods, skipped
 
@@ -91,7 +122,8 @@ def run(runner: harness.Runner):
         sets = runner.input_sets(lambda seed: make_inputs(tokens, row_length, runner.device, dtype, seed))
         nbytes = useful_bytes(tokens, tokens // row_length, torch.finfo(dtype).bits // 8)
         case = {"params": {"tokens": tokens, "row_length": row_length},
-                "work": {"rows": tokens // row_length, "input_sets": len(sets)},
+                "work": {"rows": tokens // row_length, "input_sets": len(sets),
+                         "row_kernel_bytes": tokens * ROW_KERNEL_BYTES},
                 "methods": {}, "skipped": dict(skipped)}
         for name, fn in methods.items():
             case["methods"][name] = {"fwd_bwd": runner.measure(fn, sets, flops=0.0, nbytes=nbytes)}

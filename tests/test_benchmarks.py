@@ -302,3 +302,17 @@ def test_grpo_loss_rows_methods_agree_and_count_bytes_once():
     # bf16 log-probs: read twice and their gradient written (2 bytes each), old and ref fp32 read
     # twice, the mask read twice, one fp32 advantage per row.
     assert bench.useful_bytes(1000, 10, 2) == 1000 * (6 + 16 + 2) + 40
+
+
+def test_grpo_loss_rows_kernel_rows_compute_the_ops_gradient():
+    # The row-kernel rows time the backends' kernels alone; through the torch backend they give the
+    # op's partial loss sum and its gradient (row weights 1/N: the dapo loss of every valid token
+    # over N tokens when all are valid).
+    bench = importlib.import_module("grpo_loss_rows")
+    logp, old, ref, mask, cu, advantages = bench.make_inputs(2048, 256, "cpu", torch.float64, seed=1)
+    mask = torch.ones_like(mask)
+    inputs = (logp, old.double(), ref.double(), mask, cu, advantages.double())
+    partials, dlogp = bench.row_kernels("torch")(*inputs)
+    (op_grad,) = bench.build_methods(cuda=False)[0]["pyfastrl"](*inputs)
+    torch.testing.assert_close(dlogp, op_grad)
+    assert partials.shape == (8, 9) and partials[:, 1].sum() == 2048  # every token counted once
