@@ -236,14 +236,13 @@ def test_bench_help_and_unknown_case(capsys):
         main(["bench", "--help"])
     assert exit_help.value.code == 0
     text = capsys.readouterr().out
-    assert all(name in text for name in ("prefix-attention", "grpo-loss", "lla", "model-step", "layout", "--quick",
-                                         "--cpu"))
+    assert all(name in text for name in ("prefix-attention", "grpo-loss", "grpo-loss-rows", "lla", "model-step",
+                                         "layout", "--quick", "--cpu"))
     with pytest.raises(SystemExit) as exit_unknown:
         main(["bench", "attention"])
     assert exit_unknown.value.code == 2
-    assert ("invalid choice: 'attention' (choose from 'prefix-attention', 'grpo-loss', 'lla', 'model-step', "
-            "'layout', 'all')") \
-        in capsys.readouterr().err
+    assert ("invalid choice: 'attention' (choose from 'prefix-attention', 'grpo-loss', 'grpo-loss-rows', 'lla', "
+            "'model-step', 'layout', 'all')") in capsys.readouterr().err
 
 
 def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
