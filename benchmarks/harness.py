@@ -1,6 +1,6 @@
 """The benchmark harness behind ``pyfastrl bench``: how every case file is measured and reported.
 
-A case file (``prefix_attention.py``, ``grpo_loss.py``, ``grpo_loss_rows.py``, ``lla.py``,
+A case file (``prefix_attention.py``, ``prefix_tree.py``, ``grpo_loss.py``, ``grpo_loss_rows.py``, ``lla.py``,
 ``model_step.py``, ``layout.py``) defines ``NAME``, ``PLOT`` (``x`` and ``series``: the case
 parameters its speedup plot uses; ``baseline``: the naive method speedups are over; ``ours``: our method; optional ``not_peers``: methods that are
 neither, such as a physical floor) and ``run(runner) -> (config, cases)``, each case
@@ -39,8 +39,8 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASE_FILES = {"prefix-attention": "prefix_attention", "grpo-loss": "grpo_loss", "grpo-loss-rows": "grpo_loss_rows",
-              "lla": "lla", "model-step": "model_step", "layout": "layout"}
+CASE_FILES = {"prefix-attention": "prefix_attention", "prefix-tree": "prefix_tree", "grpo-loss": "grpo_loss",
+              "grpo-loss-rows": "grpo_loss_rows", "lla": "lla", "model-step": "model_step", "layout": "layout"}
 # Input sets are rotated until they span this many times the last-level cache (at most MAX_SETS).
 CACHE_MULTIPLE, MAX_SETS = 2, 8
 

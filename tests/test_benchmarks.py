@@ -236,13 +236,13 @@ def test_bench_help_and_unknown_case(capsys):
         main(["bench", "--help"])
     assert exit_help.value.code == 0
     text = capsys.readouterr().out
-    assert all(name in text for name in ("prefix-attention", "grpo-loss", "grpo-loss-rows", "lla", "model-step",
-                                         "layout", "--quick", "--cpu"))
+    assert all(name in text for name in ("prefix-attention", "prefix-tree", "grpo-loss", "grpo-loss-rows", "lla",
+                                         "model-step", "layout", "--quick", "--cpu"))
     with pytest.raises(SystemExit) as exit_unknown:
         main(["bench", "attention"])
     assert exit_unknown.value.code == 2
-    assert ("invalid choice: 'attention' (choose from 'prefix-attention', 'grpo-loss', 'grpo-loss-rows', 'lla', "
-            "'model-step', 'layout', 'all')") in capsys.readouterr().err
+    assert ("invalid choice: 'attention' (choose from 'prefix-attention', 'prefix-tree', 'grpo-loss', "
+            "'grpo-loss-rows', 'lla', 'model-step', 'layout', 'all')") in capsys.readouterr().err
 
 
 def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
@@ -289,7 +289,7 @@ def test_environment_record_names_versions_and_commit():
 
 
 def test_grpo_loss_rows_methods_agree_and_count_bytes_once():
-    bench = importlib.import_module("grpo_loss_rows")
+    bench = load_benchmark("grpo_loss_rows")
     methods, skipped = bench.build_methods(cuda=False)
     assert set(methods) == {"pyfastrl", "torch_unfused"} and "pyfastrl_cuda" in skipped
     logp, old, ref, mask, cu, advantages = bench.make_inputs(4096, 512, "cpu", torch.float64, seed=0)
@@ -307,7 +307,7 @@ def test_grpo_loss_rows_kernel_rows_compute_the_ops_gradient():
     # The row-kernel rows time the backends' kernels alone; through the torch backend they give the
     # op's partial loss sum and its gradient (row weights 1/N: the dapo loss of every valid token
     # over N tokens when all are valid).
-    bench = importlib.import_module("grpo_loss_rows")
+    bench = load_benchmark("grpo_loss_rows")
     logp, old, ref, mask, cu, advantages = bench.make_inputs(2048, 256, "cpu", torch.float64, seed=1)
     mask = torch.ones_like(mask)
     inputs = (logp, old.double(), ref.double(), mask, cu, advantages.double())
@@ -315,3 +315,26 @@ def test_grpo_loss_rows_kernel_rows_compute_the_ops_gradient():
     (op_grad,) = bench.build_methods(cuda=False)[0]["pyfastrl"](*inputs)
     torch.testing.assert_close(dlogp, op_grad)
     assert partials.shape == (8, 9) and partials[:, 1].sum() == 2048  # every token counted once
+
+
+def test_prefix_tree_methods_compute_the_same_attention_and_count_tokens():
+    bench = load_benchmark("prefix_tree")
+    sequences, groups = bench.multi_turn_batch(2, 3, 2, 12, 3, 5)
+    methods, skipped, tree = bench.build_methods(sequences, groups, "cpu", cuda=False)
+    assert set(methods) == {"pyfastrl_tree", "pyfastrl_grouped", "sdpa_repeated"} and not skipped
+    q = torch.randn(tree.total_tokens, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(2, tree.total_tokens, 2, 16, dtype=torch.float64)
+    outputs = {name: to_tree(fn(prepare(q, 4), prepare(k, 4), prepare(v, 4)))
+               for name, (prepare, fn, to_tree) in methods.items()}
+    for name, out in outputs.items():
+        torch.testing.assert_close(out, outputs["sdpa_repeated"], msg=name)
+    # 8 conversations x 4 turns x 4 samples (prompt 200, user 50, reply 100): the issue's batch.
+    sequences, groups = bench.multi_turn_batch(8, 4, 4, 200, 50, 100)
+    tree, grouped, _, token_index = bench.layouts(sequences, groups, "cpu")
+    # per conversation: contexts 200, 350, 500, 650 (+100 per reply, 4 replies per turn)
+    assert sum(map(len, sequences)) == 8 * 4 * (300 + 450 + 600 + 750) == 67_200 == grouped.repeated_tokens
+    assert grouped.total_tokens == 8 * (600 + 750 + 900 + 1050) == 26_400
+    assert tree.total_tokens == 8 * (200 + 4 * 4 * 100 + 3 * 50) == 15_600
+    # the kept reply of turns 1-3 lies inside the next turn's paths: 3 leaves there, 4 in the last turn
+    assert tree.num_leaves == 8 * (3 * 3 + 4) and len(token_index) == 128
+    assert tree.repeated_tokens == 8 * (3 * (300 + 450 + 600) + 4 * 750) == 56_400

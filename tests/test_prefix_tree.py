@@ -360,38 +360,6 @@ def test_bad_sequences_raise_naming_the_sequence(sequences, message):
 
 
 # -- a synthetic multi-turn batch: token counts ------------------------------------------------------
-def multi_turn_batch(conversations=8, turns=4, samples=4, prompt=200, user=50, reply=100, seed=0):
-    """Per conversation: a prompt, then per turn ``samples`` sampled replies to the context; the
-    first reply is kept and the next user message follows it. Returns the sequences (context +
-    reply, one per sample per turn) and the one-level groups (context, replies) per turn."""
-    rng = random.Random(seed)
-    tokens = lambda n: [rng.randrange(1, 32000) for _ in range(n)]  # noqa: E731
-    sequences, groups = [], []
-    for _ in range(conversations):
-        context = tokens(prompt)
-        for turn in range(turns):
-            replies = [tokens(reply) for _ in range(samples)]
-            sequences += [context + r for r in replies]
-            groups.append((len(context), [len(r) for r in replies]))
-            context = context + replies[0] + tokens(user)
-    return sequences, groups
-
-
-def test_multi_turn_token_counts():
-    sequences, groups = multi_turn_batch()
-    layout, token_index = PrefixTreeLayout.from_sequences(sequences)
-    grouped = PrefixGroupLayout([p for p, _ in groups], [s for _, s in groups])
-    repeated = sum(len(s) for s in sequences)
-    # per conversation: contexts 200, 350, 500, 650 (+100 per reply, 4 replies per turn)
-    assert repeated == 8 * 4 * (300 + 450 + 600 + 750) == 67_200
-    assert grouped.total_tokens == 8 * (600 + 750 + 900 + 1050) == 26_400
-    assert layout.total_tokens == 8 * (200 + 4 * 4 * 100 + 3 * 50) == 15_600
-    assert grouped.repeated_tokens == repeated
-    # the kept reply of turns 1-3 lies inside the next turn's paths: 3 leaves there, 4 in the last turn
-    assert layout.num_leaves == 8 * (3 * 3 + 4) and len(token_index) == 128
-    assert layout.repeated_tokens == 8 * (3 * (300 + 450 + 600) + 4 * 750) == 56_400
-
-
 @pytest.mark.gpu
 def test_cuda_tree_matches_cpu_without_host_syncs():
     parents, lengths = random_tree(random.Random(11), 4, 3, max_len=70)
