@@ -12,8 +12,8 @@ has measured it faster). ``backend="auto"``:
 * otherwise Triton for CUDA tensors and PyTorch on CPU.
 
 The environment variable ``PYFASTRL_BACKEND`` (``torch`` | ``triton`` | ``flash`` | ``cuda`` |
-``auto``) overrides ``"auto"`` for every op (``flash`` and ``cuda`` only for ops that have them), e.g. to force the kernels
-through Triton's CPU interpreter.
+``auto``) overrides ``"auto"`` for every op (``flash`` and ``cuda`` only for ops that have them),
+e.g. to force the kernels through Triton's CPU interpreter.
 """
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ def _auto(op, device, dtype, head_dim, softcap, sliding_window) -> str:
 
 def require_device(op: str, backend: str, device: torch.device) -> None:
     """RuntimeError, saying why, when the Triton backend cannot run on ``device`` (CPU tensors without
-    Triton's interpreter), or the CUDA backend (extension not built, not CUDA tensors). Ops call it after their argument checks (``resolve_backend(...,
-    check_device=False)``), so that a bad argument (dtype, head dim, 32-bit offsets) is reported as
-    such on any machine."""
+    Triton's interpreter), or the CUDA backend (extension not built, not CUDA tensors). Ops call it
+    after their argument checks (``resolve_backend(..., check_device=False)``), so that a bad
+    argument (dtype, head dim, 32-bit offsets) is reported as such on any machine."""
     reason = None
     if backend == "triton":
         reason = triton_unavailable_reason(device)
@@ -121,7 +121,8 @@ def require_device(op: str, backend: str, device: torch.device) -> None:
 def resolve_backend(op: str, requested: str, device: torch.device, *, dtype: torch.dtype | None = None,
                     head_dim: int | None = None, softcap: float | None = None,
                     sliding_window: int | None = None, check_device: bool = True) -> str:
-    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"``, ``"flash"`` or ``"cuda"``.
+    """Turn ``requested`` (possibly ``"auto"``) into ``"torch"``, ``"triton"``, ``"flash"`` or
+    ``"cuda"``.
 
     ``dtype``, ``head_dim`` and the attention options (``softcap``, ``sliding_window``; None when
     not asked for) let ``"auto"`` choose the flash backend only where it applies and let an explicit

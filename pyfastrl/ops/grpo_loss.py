@@ -1,7 +1,7 @@
 """``grpo_loss``: TRL's GRPO loss of per-token log-probs, as the ``pyfastrl::grpo_loss`` custom op
 (+ ``pyfastrl::grpo_loss_backward``). Every backend (``pyfastrl.kernels.grpo_loss.reference`` for
-``"torch"``, ``.kernel`` for ``"triton"``, ``.cuda`` for ``"cuda"``) reduces the row's tokens to per-row partial sums; the
-aggregation and the metrics are plain PyTorch (``_grpo_common``). No host-device sync unless
+``"torch"``, ``.kernel`` for ``"triton"``, ``.cuda`` for ``"cuda"``) reduces the row's tokens to
+per-row partial sums; the aggregation and the metrics are plain PyTorch (``_grpo_common``). No host-device sync unless
 ``validate=True`` (then one).
 """
 from __future__ import annotations
