@@ -54,28 +54,61 @@ def _key_ranges(a, c0, f0, f1, window):
     return f0 + min(max(first, 0), f1 - f0), c0 + max(first - (f1 - f0), 0)
 
 
-def _scores(q, k, v, a, b, c0, f0, f1, scale, softcap, window, acc):
-    """Scores ``(Hkv, rep, L, N)`` of query rows a..b-1 against the keys they can see, with those
-    keys, values and query rows, and ``tanh(s / softcap)`` (None without soft-capping) for the
-    gradient. Keys are full-range rows f0'..f1-1 then causal rows c0'..b-1; masked pairs are -inf."""
-    full_lo, causal_lo = _key_ranges(a, c0, f0, f1, window)
-    num_kv = k.shape[1]
-    rows = q[a:b].to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
-    keys = torch.cat([k[full_lo:f1], k[causal_lo:b]]).to(acc)  # (N, Hkv, D)
-    values = torch.cat([v[full_lo:f1], v[causal_lo:b]]).to(acc)
+def chunk_scores(rows, keys, query_pos, key_pos, scale, softcap, window):
+    """Scores ``(Hkv, rep, L, N)`` of query ``rows (L, Hkv, rep, D)`` against ``keys (N, Hkv, D)``,
+    capped to ``c tanh(s / c)`` when ``softcap`` is set, pairs a query cannot see (by the path
+    positions ``query_pos (L, 1)`` and ``key_pos (1, N)``: later keys, and keys ``window`` or more
+    back) set to -inf; and ``tanh(s / softcap)`` for the gradient (None without soft-capping).
+    Shared by the segment (here) and tree (``tree.py``) backends, which differ only in which keys a
+    chunk reads."""
     scores = torch.einsum("lhrd,nhd->hrln", rows, keys) * scale
     tanh = None
     if softcap:
         tanh = torch.tanh(scores / softcap)
         scores = tanh * softcap
+    hidden = key_pos > query_pos
+    if window:
+        hidden |= query_pos - key_pos >= window
+    return scores.masked_fill(hidden, float("-inf")), tanh
+
+
+def chunk_output(scores, values):
+    """A chunk's attention output ``(L, Hq, D)`` (accumulation dtype) and LSE ``(Hq, L)``."""
+    chunk_lse = torch.logsumexp(scores, dim=-1)  # (Hkv, rep, L)
+    probs = torch.exp(scores - chunk_lse[..., None])
+    return torch.einsum("hrln,nhd->lhrd", probs, values).flatten(1, 2), chunk_lse.flatten(0, 1)
+
+
+def chunk_gradients(scores, tanh, rows, keys, values, lse, grad_out, out, scale):
+    """Gradients of a chunk from the forward's ``lse (Hq, L)``, ``out`` and upstream ``grad_out``
+    (``(L, Hq, D)``): ``dq (L, Hq, D)`` and ``dk, dv (N, Hkv, D)`` of the chunk's keys."""
+    num_kv = keys.shape[1]
+    acc = rows.dtype
+    probs = torch.exp(scores - lse.unflatten(0, (num_kv, -1))[..., None])
+    d_out = grad_out.to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
+    delta = (d_out * out.to(acc).unflatten(1, (num_kv, -1))).sum(-1).permute(1, 2, 0)
+    d_values = torch.einsum("hrln,lhrd->nhd", probs, d_out)
+    d_scores = probs * (torch.einsum("lhrd,nhd->hrln", d_out, values) - delta[..., None])
+    if tanh is not None:
+        d_scores = d_scores * (1 - tanh * tanh)  # d/ds of c tanh(s / c)
+    dq = torch.einsum("hrln,nhd->lhrd", d_scores, keys).flatten(1, 2) * scale
+    return dq, torch.einsum("hrln,lhrd->nhd", d_scores, rows) * scale, d_values
+
+
+def _scores(q, k, v, a, b, c0, f0, f1, scale, softcap, window, acc):
+    """``chunk_scores`` of query rows a..b-1 against the keys they can see (full-range rows
+    f0'..f1-1, then causal rows c0'..b-1), with the query rows, keys and values."""
+    full_lo, causal_lo = _key_ranges(a, c0, f0, f1, window)
+    num_kv = k.shape[1]
+    rows = q[a:b].to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
+    keys = torch.cat([k[full_lo:f1], k[causal_lo:b]]).to(acc)  # (N, Hkv, D)
+    values = torch.cat([v[full_lo:f1], v[causal_lo:b]]).to(acc)
     prefix_len = f1 - f0
     arange = lambda lo, hi: torch.arange(lo, hi, device=q.device)  # noqa: E731
     query_pos = prefix_len + arange(a - c0, b - c0)[:, None]
     key_pos = torch.cat([arange(full_lo - f0, prefix_len), prefix_len + arange(causal_lo - c0, b - c0)])[None, :]
-    hidden = key_pos > query_pos
-    if window:
-        hidden |= query_pos - key_pos >= window
-    return scores.masked_fill(hidden, float("-inf")), tanh, rows, keys, values
+    scores, tanh = chunk_scores(rows, keys, query_pos, key_pos, scale, softcap, window)
+    return scores, tanh, rows, keys, values
 
 
 def forward(q, k, v, segments, scale: float, softcap: float, window: int):
@@ -90,10 +123,8 @@ def forward(q, k, v, segments, scale: float, softcap: float, window: int):
     lse = torch.empty((num_heads, num_tokens), dtype=acc, device=q.device)
     for a, b, c0, f0, f1 in _chunks(segments, num_heads, window):
         scores, _, _, _, values = _scores(q, k, v, a, b, c0, f0, f1, scale, softcap, window, acc)
-        chunk_lse = torch.logsumexp(scores, dim=-1)  # (Hkv, rep, L)
-        probs = torch.exp(scores - chunk_lse[..., None])
-        out[a:b] = torch.einsum("hrln,nhd->lhrd", probs, values).flatten(1, 2).to(q.dtype)
-        lse[:, a:b] = chunk_lse.flatten(0, 1)
+        chunk_out, lse[:, a:b] = chunk_output(scores, values)
+        out[a:b] = chunk_out.to(q.dtype)
     return out, lse
 
 
@@ -101,21 +132,13 @@ def backward(grad_out, q, k, v, out, lse, segments, scale: float, softcap: float
     """Gradients ``(dq, dk, dv)`` of ``forward`` for upstream ``grad_out (T, Hq, D)``."""
     acc = _accumulation_dtype(q.dtype)
     num_heads = q.shape[1]
-    num_kv = k.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for a, b, c0, f0, f1 in _chunks(segments, num_heads, window):
         scores, tanh, rows, keys, values = _scores(q, k, v, a, b, c0, f0, f1, scale, softcap, window, acc)
-        probs = torch.exp(scores - lse[:, a:b].unflatten(0, (num_kv, -1))[..., None])
-        d_out = grad_out[a:b].to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
-        delta = (d_out * out[a:b].to(acc).unflatten(1, (num_kv, -1))).sum(-1).permute(1, 2, 0)
-        d_values = torch.einsum("hrln,lhrd->nhd", probs, d_out)
-        d_scores = probs * (torch.einsum("lhrd,nhd->hrln", d_out, values) - delta[..., None])
-        if tanh is not None:
-            d_scores = d_scores * (1 - tanh * tanh)  # d/ds of c tanh(s / c)
-        dq[a:b] = torch.einsum("hrln,nhd->lhrd", d_scores, keys).flatten(1, 2) * scale
-        d_keys = torch.einsum("hrln,lhrd->nhd", d_scores, rows) * scale
+        dq[a:b], d_keys, d_values = chunk_gradients(scores, tanh, rows, keys, values, lse[:, a:b], grad_out[a:b],
+                                                    out[a:b], scale)
         full_lo, causal_lo = _key_ranges(a, c0, f0, f1, window)
         num_full = f1 - full_lo
         # Several members' chunks add into the same prefix rows: the sum over members.

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl.kernels.prefix_attention.reference import _accumulation_dtype, _chunk_rows
+from pyfastrl.kernels.prefix_attention.reference import (
+    _accumulation_dtype,
+    _chunk_rows,
+    chunk_gradients,
+    chunk_output,
+    chunk_scores,
+)
 
 
 def _chunks(segment_table: torch.Tensor, num_heads: int, window: int):
@@ -31,27 +37,20 @@ def _key_ranges(a: int, start: int, count: int, window: int) -> tuple[int, int]:
 
 
 def _scores(q, k, v, ancestor_index, a, b, start, offset, count, scale, softcap, window, acc):
-    """Scores ``(Hkv, rep, L, N)`` of query rows a..b-1 against the keys they can see (ancestor keys
-    then own-segment keys; masked pairs -inf), ``tanh(s / softcap)`` (None without soft-capping),
-    the query rows, keys, values and the packed indices of the ancestor keys."""
+    """``reference.chunk_scores`` of query rows a..b-1 against the keys they can see (ancestor keys
+    then own-segment keys), with the query rows, keys, values and the packed indices of the
+    ancestor keys."""
     first_ancestor, first_own = _key_ranges(a, start, count, window)
     index = ancestor_index[offset + first_ancestor:offset + count]
     num_kv = k.shape[1]
     rows = q[a:b].to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
     keys = torch.cat([k.index_select(0, index), k[first_own:b]]).to(acc)  # (N, Hkv, D)
     values = torch.cat([v.index_select(0, index), v[first_own:b]]).to(acc)
-    scores = torch.einsum("lhrd,nhd->hrln", rows, keys) * scale
-    tanh = None
-    if softcap:
-        tanh = torch.tanh(scores / softcap)
-        scores = tanh * softcap
     arange = lambda lo, hi: torch.arange(lo, hi, device=q.device)  # noqa: E731
     query_pos = count + arange(a - start, b - start)[:, None]
     key_pos = torch.cat([arange(first_ancestor, count), count + arange(first_own - start, b - start)])[None, :]
-    hidden = key_pos > query_pos
-    if window:
-        hidden |= query_pos - key_pos >= window
-    return scores.masked_fill(hidden, float("-inf")), tanh, rows, keys, values, index
+    scores, tanh = chunk_scores(rows, keys, query_pos, key_pos, scale, softcap, window)
+    return scores, tanh, rows, keys, values, index
 
 
 def forward(q, k, v, segment_table, ancestor_index, scale: float, softcap: float, window: int):
@@ -75,10 +74,8 @@ def forward(q, k, v, segment_table, ancestor_index, scale: float, softcap: float
     for a, b, start, offset, count in _chunks(segment_table, num_heads, window):
         scores, _, _, _, values, _ = _scores(q, k, v, ancestor_index, a, b, start, offset, count,
                                              scale, softcap, window, acc)
-        chunk_lse = torch.logsumexp(scores, dim=-1)  # (Hkv, rep, L)
-        probs = torch.exp(scores - chunk_lse[..., None])
-        out[a:b] = torch.einsum("hrln,nhd->lhrd", probs, values).flatten(1, 2).to(q.dtype)
-        lse[:, a:b] = chunk_lse.flatten(0, 1)
+        chunk_out, lse[:, a:b] = chunk_output(scores, values)
+        out[a:b] = chunk_out.to(q.dtype)
     return out, lse
 
 
@@ -88,22 +85,14 @@ def backward(grad_out, q, k, v, out, lse, segment_table, ancestor_index, scale: 
     dK/dV sum the contributions of every segment below it."""
     acc = _accumulation_dtype(q.dtype)
     num_heads = q.shape[1]
-    num_kv = k.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for a, b, start, offset, count in _chunks(segment_table, num_heads, window):
         scores, tanh, rows, keys, values, index = _scores(q, k, v, ancestor_index, a, b, start, offset, count,
                                                           scale, softcap, window, acc)
-        probs = torch.exp(scores - lse[:, a:b].unflatten(0, (num_kv, -1))[..., None])
-        d_out = grad_out[a:b].to(acc).unflatten(1, (num_kv, -1))  # (L, Hkv, rep, D)
-        delta = (d_out * out[a:b].to(acc).unflatten(1, (num_kv, -1))).sum(-1).permute(1, 2, 0)
-        d_values = torch.einsum("hrln,lhrd->nhd", probs, d_out)
-        d_scores = probs * (torch.einsum("lhrd,nhd->hrln", d_out, values) - delta[..., None])
-        if tanh is not None:
-            d_scores = d_scores * (1 - tanh * tanh)  # d/ds of c tanh(s / c)
-        dq[a:b] = torch.einsum("hrln,nhd->lhrd", d_scores, keys).flatten(1, 2) * scale
-        d_keys = torch.einsum("hrln,lhrd->nhd", d_scores, rows) * scale
+        dq[a:b], d_keys, d_values = chunk_gradients(scores, tanh, rows, keys, values, lse[:, a:b], grad_out[a:b],
+                                                    out[a:b], scale)
         num_ancestors = index.shape[0]
         # The index has no repeats, so each ancestor row receives one addition per chunk.
         dk.index_add_(0, index, d_keys[:num_ancestors])
