@@ -3,28 +3,11 @@
 // reference. It walks the same (row, head, chunk) work items the kernels map to threads, so the
 // addressing and the fp32 math are checked on every run; thread mapping and barriers are not.
 // Returns nullptr, or the error message.
-#include <exception>
-#include <string>
-
+#include "common/host_guard.h"
 #include "merge_math.h"
 
 using namespace pyfastrl;
 using namespace pyfastrl::attention_merge;
-
-namespace {
-thread_local std::string last_error;
-
-template <typename F>
-const char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return last_error.c_str();
-  }
-}
-}  // namespace
 
 extern "C" const char* pyfastrl_merge_host(int dtype, uintptr_t out, uintptr_t lse, uintptr_t cross_out,
                                            uintptr_t cross_lse, uintptr_t rows, int64_t num_rows, int64_t num_heads,

@@ -115,16 +115,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-LossArgs<T> loss_args(uintptr_t logp, uintptr_t old, uintptr_t ref, uintptr_t weight, uintptr_t mask,
-                      uintptr_t advantages, uintptr_t cu, int64_t num_tokens, int64_t num_rows,
-                      const LossParams& params) {
-  return LossArgs<T>{reinterpret_cast<const T*>(logp), reinterpret_cast<const float*>(old),
-                     reinterpret_cast<const float*>(ref), reinterpret_cast<const float*>(weight),
-                     reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(advantages),
-                     reinterpret_cast<const int64_t*>(cu), num_tokens, num_rows, params};
-}
-
 void check_sizes(int64_t num_tokens, int64_t num_rows, const char* what) {
   if (num_tokens < 0 || num_rows < 1)
     throw std::invalid_argument(std::string(what) + ": need num_tokens >= 0 and num_rows >= 1, got " +

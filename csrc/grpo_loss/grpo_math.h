@@ -156,6 +156,17 @@ struct LossArgs {
   LossParams params;
 };
 
+// The launchers' raw addresses (0 for an absent tensor) as LossArgs.
+template <typename T>
+LossArgs<T> loss_args(uintptr_t logp, uintptr_t old, uintptr_t ref, uintptr_t weight, uintptr_t mask,
+                      uintptr_t advantages, uintptr_t cu, int64_t num_tokens, int64_t num_rows,
+                      const LossParams& params) {
+  return LossArgs<T>{reinterpret_cast<const T*>(logp), reinterpret_cast<const float*>(old),
+                     reinterpret_cast<const float*>(ref), reinterpret_cast<const float*>(weight),
+                     reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(advantages),
+                     reinterpret_cast<const int64_t*>(cu), num_tokens, num_rows, params};
+}
+
 template <typename T>
 PFRL_HD bool token_valid(const LossArgs<T>& a, int64_t i) {
   return a.mask == nullptr || a.mask[i] != 0;

@@ -1,40 +1,16 @@
 // Host-only build of the GRPO loss arithmetic (grpo_math.h) for the tests: compiled with g++ by
-// tests/test_cuda_extension.py and called through ctypes on CPU tensors, against the float64
+// tests/test_grpo_loss_cuda.py and called through ctypes on CPU tensors, against the float64
 // reference (kernels/grpo_loss/reference.py). It walks the same chunks, segments and folds as the
 // kernels (grpo_loss.cu), one token at a time where a kernel's threads share a chunk, so the token
 // formulas, the segment indexing and the fold are checked on every run; thread mapping and the
 // block reductions are not. Returns nullptr, or the error message.
-#include <exception>
-#include <string>
-
+#include "common/host_guard.h"
 #include "grpo_loss/grpo_math.h"
 
 using namespace pyfastrl;
 using namespace pyfastrl::grpo_loss;
 
 namespace {
-thread_local std::string last_error;
-
-template <typename F>
-const char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return last_error.c_str();
-  }
-}
-
-template <typename T>
-LossArgs<T> host_args(uintptr_t logp, uintptr_t old, uintptr_t ref, uintptr_t weight, uintptr_t mask,
-                      uintptr_t advantages, uintptr_t cu, int64_t num_tokens, int64_t num_rows,
-                      const LossParams* params) {
-  return LossArgs<T>{reinterpret_cast<const T*>(logp), reinterpret_cast<const float*>(old),
-                     reinterpret_cast<const float*>(ref), reinterpret_cast<const float*>(weight),
-                     reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(advantages),
-                     reinterpret_cast<const int64_t*>(cu), num_tokens, num_rows, *params};
-}
 
 // segment_kernel's walk: `add(s, b, i)` over the valid tokens of each (chunk, row) piece.
 template <typename T, typename Add>
@@ -69,7 +45,7 @@ extern "C" const char* pyfastrl_grpo_forward_host(int dtype, uintptr_t logp, uin
   return guarded([&] {
     dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
-      const LossArgs<T> a = host_args<T>(logp, old, ref, weight, mask, advantages, cu, num_tokens, num_rows, params);
+      const LossArgs<T> a = loss_args<T>(logp, old, ref, weight, mask, advantages, cu, num_tokens, num_rows, *params);
       auto* seg = reinterpret_cast<Partials*>(segments);
       auto* log_ratio = reinterpret_cast<float*>(row_log_ratio);
       if (a.params.sequence_level) row_log_ratios(a, seg, log_ratio);
@@ -90,7 +66,7 @@ extern "C" const char* pyfastrl_grpo_backward_host(int dtype, uintptr_t row_grad
   return guarded([&] {
     dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
-      const LossArgs<T> a = host_args<T>(logp, old, ref, weight, mask, advantages, cu, num_tokens, num_rows, params);
+      const LossArgs<T> a = loss_args<T>(logp, old, ref, weight, mask, advantages, cu, num_tokens, num_rows, *params);
       auto* seg = reinterpret_cast<Partials*>(segments);
       auto* log_ratio = reinterpret_cast<float*>(row_log_ratio);
       auto* via = reinterpret_cast<float*>(row_via);
