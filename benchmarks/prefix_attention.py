@@ -227,6 +227,35 @@ def _cases(runner: harness.Runner):
                layout, heads, kv_heads, head_dim)
 
 
+def measure_methods(runner: harness.Runner, methods: dict, packed_sets: list, heads: int, *, flops, nbytes) -> dict:
+    """``{name: {"fwd", "fwd_bwd"}}``: each method's forward and forward + backward on its own copy
+    of every packed ``(q, k, v)`` set (``prepare``d outside the timing, with a random upstream
+    gradient); ``flops(backward)`` / ``nbytes(backward)`` give the useful work. A method that fails
+    while preparing is recorded with its error."""
+    results = {}
+    for name, (prepare, fn, _) in methods.items():
+        def measured():
+            sets = []
+            for q, k, v in packed_sets:
+                inputs = (prepare(q, heads), prepare(k, heads), prepare(v, heads))
+                sets.append((inputs, torch.randn_like(fn(*inputs))))
+            return sets
+
+        prepared = harness.measure_or_record_failure(lambda: {"sets": measured()})
+        if "error" in prepared:
+            results[name] = {"fwd_bwd": prepared}
+            continue
+        sets = prepared["sets"]
+        result = {}
+        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+            step = ((lambda inputs, grad: torch.autograd.grad(fn(*inputs), inputs, grad)) if backward
+                    else (lambda inputs, grad: fn(*inputs)))
+            result[mode] = runner.measure(step, sets, flops=flops(backward), nbytes=nbytes(backward))
+        results[name] = result
+        del sets, prepared
+    return results
+
+
 def run(runner: harness.Runner):
     dtype = torch.float32 if runner.cpu else CUDA_SHAPE["dtype"]
     grid = list(_cases(runner))
@@ -246,28 +275,10 @@ def run(runner: harness.Runner):
                          "pairs": layout.attention_pairs, "input_sets": len(packed_sets)},
                 "methods": {}, "skipped": skipped}
         element = torch.finfo(dtype).bits // 8
-        for name, (prepare, fn, _) in methods.items():
-            def measured():
-                sets = []
-                for q, k, v in packed_sets:
-                    inputs = (prepare(q, heads), prepare(k, heads), prepare(v, heads))
-                    sets.append((inputs, torch.randn_like(fn(*inputs))))
-                return sets
-
-            prepared = harness.measure_or_record_failure(lambda: {"sets": measured()})
-            if "error" in prepared:
-                case["methods"][name] = {"fwd_bwd": prepared}
-                continue
-            sets = prepared["sets"]
-            result = {}
-            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                step = ((lambda inputs, grad: torch.autograd.grad(fn(*inputs), inputs, grad)) if backward
-                        else (lambda inputs, grad: fn(*inputs)))
-                result[mode] = runner.measure(
-                    step, sets, flops=useful_flops(layout, heads, head_dim, backward),
-                    nbytes=useful_bytes(layout, heads, kv_heads, head_dim, element, backward))
-            case["methods"][name] = result
-            del sets, prepared
+        case["methods"] = measure_methods(
+            runner, methods, packed_sets, heads,
+            flops=lambda backward: useful_flops(layout, heads, head_dim, backward),
+            nbytes=lambda backward: useful_bytes(layout, heads, kv_heads, head_dim, element, backward))
         cases.append(case)
     config = {"dtype": str(dtype).removeprefix("torch.")}
     if not runner.cpu:

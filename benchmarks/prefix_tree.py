@@ -129,18 +129,10 @@ def run(runner: harness.Runner):
                          "tokens_repeated": sum(len(s) for s in sequences),
                          "pairs": tree.attention_pairs, "input_sets": len(tree_sets)},
                 "methods": {}, "skipped": skipped}
-        for name, (prepare, fn, _) in methods.items():
-            sets = [((prepare(q, heads), prepare(k, heads), prepare(v, heads)),) for q, k, v in tree_sets]
-            sets = [(inputs, torch.randn_like(fn(*inputs))) for (inputs,) in sets]
-            result = {}
-            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                step = ((lambda inputs, grad: torch.autograd.grad(fn(*inputs), inputs, grad)) if backward
-                        else (lambda inputs, grad: fn(*inputs)))
-                result[mode] = runner.measure(
-                    step, sets, flops=prefix_attention.useful_flops(tree, heads, head_dim, backward),
-                    nbytes=prefix_attention.useful_bytes(tree, heads, kv_heads, head_dim, element, backward))
-            case["methods"][name] = result
-            del sets
+        case["methods"] = prefix_attention.measure_methods(
+            runner, methods, tree_sets, heads,
+            flops=lambda backward: prefix_attention.useful_flops(tree, heads, head_dim, backward),
+            nbytes=lambda backward: prefix_attention.useful_bytes(tree, heads, kv_heads, head_dim, element, backward))
         cases.append(case)
     return {"dtype": str(dtype).removeprefix("torch."), "Hq": heads, "Hkv": kv_heads, "D": head_dim}, cases
 
