@@ -44,6 +44,7 @@ import weakref
 import torch
 
 from pyfastrl._backend import flash_merge_kernels
+from pyfastrl.kernels.prefix_attention.reference import accumulation_dtype
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -363,7 +364,7 @@ def _cpu_forward(q, k, v, schedule: _Schedule, scale: float):
     attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     causal, cross = schedule.cpu_calls()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype), device=q.device)
     for rows in causal:
         o, l = attend(rows.batch(q), rows.batch(k), rows.batch(v), 0.0, True, attn_mask=rows.mask(q.dtype),
                       scale=scale)
@@ -380,7 +381,7 @@ def _cpu_forward(q, k, v, schedule: _Schedule, scale: float):
 def _cpu_backward(grad_out, q, k, v, out, lse, schedule: _Schedule, scale: float):
     attend_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     causal, cross = schedule.cpu_calls()
-    acc = _lse_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.empty(k.shape, dtype=acc, device=q.device)
     dv = torch.empty(v.shape, dtype=acc, device=q.device)
@@ -397,10 +398,6 @@ def _cpu_backward(grad_out, q, k, v, out, lse, schedule: _Schedule, scale: float
         dk[keys.index] += keys.rows(d_k)
         dv[keys.index] += keys.rows(d_v)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # -- CUDA ------------------------------------------------------------------------------------------

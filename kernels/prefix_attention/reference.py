@@ -19,7 +19,9 @@ import torch
 _CHUNK_SCORE_ELEMENTS = 1 << 24
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every prefix-attention backend accumulates in and returns its LSE in: float64 for
+    float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -117,7 +119,7 @@ def forward(q, k, v, segments, scale: float, softcap: float, window: int):
     (0: off), ``window`` >= 1 limits each query to the keys less than ``window`` path positions
     back (0: off). Returns ``out (T, Hq, D)`` in q's dtype and ``lse (Hq, T)``, the natural-log
     log-sum-exp of the (capped) scaled scores (float32, or float64)."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     num_tokens, num_heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=acc, device=q.device)
@@ -130,7 +132,7 @@ def forward(q, k, v, segments, scale: float, softcap: float, window: int):
 
 def backward(grad_out, q, k, v, out, lse, segments, scale: float, softcap: float, window: int):
     """Gradients ``(dq, dk, dv)`` of ``forward`` for upstream ``grad_out (T, Hq, D)``."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     num_heads = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from pyfastrl.kernels.prefix_attention.reference import (
-    _accumulation_dtype,
     _chunk_rows,
+    accumulation_dtype,
     chunk_gradients,
     chunk_output,
     chunk_scores,
@@ -67,7 +67,7 @@ def forward(q, k, v, segment_table, ancestor_index, scale: float, softcap: float
         ``out (T, Hq, D)`` in q's dtype and ``lse (Hq, T)``, the log-sum-exp of the (capped) scaled
         scores (float32, or float64 for float64 inputs).
     """
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     num_tokens, num_heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=acc, device=q.device)
@@ -83,7 +83,7 @@ def backward(grad_out, q, k, v, out, lse, segment_table, ancestor_index, scale: 
              window: int):
     """Gradients ``(dq, dk, dv)`` of ``forward`` for upstream ``grad_out (T, Hq, D)``; an ancestor's
     dK/dV sum the contributions of every segment below it."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     num_heads = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)

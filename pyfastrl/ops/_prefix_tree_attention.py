@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl.kernels.prefix_attention import tree
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from pyfastrl.kernels.prefix_attention import reference, tree
 
 
 @torch.library.custom_op("pyfastrl::prefix_tree_attention_fwd", mutates_args=())
@@ -31,7 +27,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(q, k, v, segment_table, ancestor_index, scale, softcap, window):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=reference.accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("pyfastrl::prefix_tree_attention_bwd", mutates_args=())

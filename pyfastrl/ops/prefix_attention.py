@@ -38,10 +38,6 @@ def _flash():
     return flash
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("pyfastrl::prefix_attention_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
@@ -65,7 +61,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(q, k, v, query_blocks, dq_blocks, dkdv_blocks, scale, softcap, window, backend):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=reference.accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("pyfastrl::prefix_attention_bwd", mutates_args=())
