@@ -18,14 +18,10 @@ from __future__ import annotations
 import torch
 
 from pyfastrl.kernels import cuda_extension
-from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
+from pyfastrl.kernels.grpo_loss.reference import KL_CODES, LOSS_CODES, PARTIALS, LossOptions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK = 2048  # csrc/grpo_loss/grpo_math.h kChunk
-
-# csrc/grpo_loss/grpo_math.h LossCode / KlCode (the same codes as kernel.py's).
-_LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3}
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -40,8 +36,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def _params(opts: LossOptions) -> tuple:
     """The options as the binding's flat arguments (loss .. tau_neg)."""
-    kl = _KL_CODES[opts.kl_estimator] if opts.beta != 0.0 else 0
-    return (_LOSS_CODES[opts.loss_type], kl, opts.delta is not None, bool(opts.use_bias_correction_kl and kl),
+    kl = KL_CODES[opts.kl_estimator] if opts.beta != 0.0 else 0
+    return (LOSS_CODES[opts.loss_type], kl, opts.delta is not None, bool(opts.use_bias_correction_kl and kl),
             bool(opts.sequence_level), float(opts.epsilon_low), float(opts.epsilon_high),
             float(opts.delta) if opts.delta is not None else 0.0, float(opts.beta),
             float(opts.sapo_temperature_pos), float(opts.sapo_temperature_neg))

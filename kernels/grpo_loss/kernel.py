@@ -21,13 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
+from pyfastrl.kernels.grpo_loss.reference import KL_CODES, LOSS_CODES, PARTIALS, LossOptions
 from pyfastrl.kernels.launch_target import tile_target
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3}
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 _CISPO = tl.constexpr(1)
 _SAPO = tl.constexpr(2)
 _POLICY_GRADIENT = tl.constexpr(3)
@@ -64,9 +62,9 @@ def logits_launch(num_tokens: int, target: str) -> tuple[tuple[int], int, int, i
 
 def _codes(opts: LossOptions) -> dict:
     return {
-        "LOSS": _LOSS_CODES[opts.loss_type],
+        "LOSS": LOSS_CODES[opts.loss_type],
         "HAS_DELTA": opts.delta is not None,
-        "KL": _KL_CODES[opts.kl_estimator] if opts.beta != 0.0 else 0,
+        "KL": KL_CODES[opts.kl_estimator] if opts.beta != 0.0 else 0,
         "KL_RATIO": opts.use_bias_correction_kl and opts.beta != 0.0,
     }
 

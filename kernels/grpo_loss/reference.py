@@ -45,6 +45,11 @@ VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_trun
 # VESPO's log-weight range (TRL's get_gamma_weights: log(1e-8) .. 20).
 VESPO_LOG_MIN, VESPO_LOG_MAX = math.log(1e-8), 20.0
 # Per-row partial sums returned by loss_forward, in column order.
+# Token-formula and KL-estimator codes of the kernel backends (kernel.py's constexprs, the CUDA
+# kernels' LossCode / KlCode in csrc/grpo_loss/grpo_math.h): clipped losses 0, cispo 1, sapo 2,
+# vespo's policy gradient 3.
+LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 PARTIALS = ("loss", "tokens", "kl", "clip_low", "clip_high", "clip_delta", "ratio_sum", "ratio_min", "ratio_max")
 
 
