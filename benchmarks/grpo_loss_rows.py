@@ -64,7 +64,9 @@ def row_kernels(backend: str):
     from pyfastrl.kernels.grpo_loss.reference import LossOptions
     from pyfastrl.ops._grpo_common import implementation
 
-    opts = LossOptions("dapo", False, 0.2, 0.28, None, 0.04, "k3", True, 1.0, 1.05)
+    # LOSS as the backends see it (token level, k3 KL with the ratio factor: grpo_loss's defaults).
+    opts = LossOptions(LOSS["loss_type"], False, LOSS["epsilon"], LOSS["epsilon_high"], None, LOSS["beta"], "k3", True,
+                       1.0, 1.05)
     per_token = {}  # per input set, prepared once: the op's setup is not what is timed here
 
     def call(logp, old, ref, mask, cu, advantages):

@@ -14,10 +14,8 @@ import torch
 
 from pyfastrl.kernels import cuda_extension
 
-_DTYPE_CODES = cuda_extension.DTYPE_CODES
 _MAX_CHUNKS = 256  # one thread per 16-byte chunk of a row, 256 threads a block (merge.cu)
-_extension = cuda_extension.module
-unavailable_reason = cuda_extension.unavailable_reason
+unavailable_reason = cuda_extension.unavailable_reason  # callers ask this module (flash.py, info, tests)
 
 
 def _check_rows(name: str, tensor: torch.Tensor, device: torch.device, count: int | None = None) -> None:
@@ -50,14 +48,14 @@ def _check_rows_tensor(name: str, tensor: torch.Tensor, device: torch.device, dt
 def _dtype_code(name: str, tensor: torch.Tensor) -> int:
     if tensor.device.type != "cuda":
         raise ValueError(f"{name} must be a CUDA tensor, got device {tensor.device}")
-    if tensor.dtype not in _DTYPE_CODES:
+    if tensor.dtype not in cuda_extension.DTYPE_CODES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
     pack = 16 // tensor.element_size()
     head_dim = tensor.shape[-1] if tensor.dim() == 3 else 0
     if tensor.dim() != 3 or head_dim % pack or head_dim // pack > _MAX_CHUNKS or head_dim == 0:
         raise ValueError(f"{name} must have shape (rows, heads, head_dim) with head_dim a positive multiple of "
                          f"{pack} up to {pack * _MAX_CHUNKS} for {tensor.dtype}, got {tuple(tensor.shape)}")
-    return _DTYPE_CODES[tensor.dtype]
+    return cuda_extension.DTYPE_CODES[tensor.dtype]
 
 
 def _check_lse(name: str, tensor: torch.Tensor, device: torch.device, heads: int, tokens: int) -> None:
@@ -71,7 +69,7 @@ def _check_lse(name: str, tensor: torch.Tensor, device: torch.device, heads: int
 
 
 def _launch(kernel_name: str, device: torch.device, *args) -> None:
-    extension = _extension()
+    extension = cuda_extension.module()
     if extension is None:
         raise RuntimeError(f"the CUDA merge kernels are unavailable: {unavailable_reason()}")
     with torch.cuda.device(device):
