@@ -346,8 +346,9 @@ for loss_type in ("dapo", "grpo"):
     steps[loss_type] = (rollouts, metrics, trainer.save_checkpoint())
 if torch.distributed.get_rank() == 0:
     torch.save(steps, sys.argv[1] + "/steps.pt")
-# Torn down before interpreter exit, as `pyfastrl train` does: gloo's destructor at exit can abort
-# ("terminate called without an active exception"), which failed this test once in CI.
+# Torn down together and before interpreter exit, as `pyfastrl train` does: gloo's destructor at exit
+# can abort ("terminate called without an active exception"), which failed this test once in CI.
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 

@@ -152,7 +152,11 @@ def _train(args) -> int:
         # Torn down here, not at interpreter exit, where gloo's worker threads can still be joinable
         # while its destructor runs (seen as "terminate called without an active exception").
         try:
-            return _train_on(args, device)
+            result = _train_on(args, device)
+            # Every rank done with its collectives (rank 0 may still be writing a checkpoint) before
+            # any of them tears its group down: an early teardown is another way to that abort.
+            torch.distributed.barrier()
+            return result
         finally:
             torch.distributed.destroy_process_group()
     return _train_on(args, device)
