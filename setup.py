@@ -43,6 +43,7 @@ class BuildCudaExt(build_ext):
             objects.append(str(target))
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = objects + list(ext.extra_objects or [])
+        ext.depends = objects + list(ext.depends or [])  # relink when only a .cu source changed
         ext.include_dirs = [pybind11.get_include(), "csrc", *include_dirs, *ext.include_dirs]
         ext.library_dirs = [*library_dirs, *ext.library_dirs]
         super().build_extension(ext)
@@ -51,7 +52,10 @@ class BuildCudaExt(build_ext):
 cuda_extension = dict(
     ext_modules=[Extension(
         "pyfastrl._cuda",
-        sources=["csrc/bindings.cpp", "csrc/attention_merge/merge.cu", "csrc/grpo_loss/grpo_loss.cu"],
+        # bindings.cpp and the kernel sources nvcc_build.CUDA_SOURCES lists (paths relative to here).
+        sources=["csrc/bindings.cpp",
+                 *(Path(source).relative_to(Path(__file__).resolve().parent).as_posix()
+                   for source in _nvcc_build().CUDA_SOURCES)],
         # The static runtime: the module needs only the driver (libcuda), not a libcudart of nvcc's version.
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-std=c++17", "-O3"],

@@ -3,9 +3,13 @@
 // own allocation, checks and autograd. C++ exceptions reach Python as ValueError (bad argument)
 // or RuntimeError (CUDA error).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include "attention_merge/merge.h"
 #include "grpo_loss/grpo_loss.h"
+#include "lla_decode/lla_decode.h"
 
 namespace py = pybind11;
 
@@ -19,7 +23,7 @@ pyfastrl::grpo_loss::LossParams loss_params(int loss, int kl, bool has_delta, bo
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "pyfastrl CUDA kernels (raw device pointers; see kernels/prefix_attention/merge_cuda.py, kernels/grpo_loss/cuda.py)";
+  m.doc() = "pyfastrl CUDA kernels (raw device pointers; see kernels/prefix_attention/merge_cuda.py, kernels/grpo_loss/cuda.py, kernels/local_linear_attention/cuda.py)";
   m.def("attention_merge", &pyfastrl::attention_merge::merge,
         "Merge cross-attention partial results into rows of out/lse in place (merge.h).");
   m.def("attention_merge_add_rows", &pyfastrl::attention_merge::add_rows,
@@ -50,4 +54,13 @@ PYBIND11_MODULE(_cuda, m) {
                                       segments, row_log_ratio, row_via, dlogp, stream);
       },
       "dL/dlogp of the GRPO loss, closed form (grpo_loss/grpo_loss.h).");
+  m.def(
+      "lla_decode",
+      [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cache_seqlens, uintptr_t ridge, uintptr_t out,
+         int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t max_tokens, int64_t head_dim,
+         const std::array<int64_t, 10>& strides, float scale, uintptr_t stream) {
+        pyfastrl::lla_decode::decode(dtype, q, k, v, cache_seqlens, ridge, out, batch, num_heads, num_kv_heads,
+                                     max_tokens, head_dim, strides.data(), scale, stream);
+      },
+      "One decode step of local linear attention over a KV cache (lla_decode/lla_decode.h).");
 }

@@ -11,11 +11,13 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 # Kernel sources of the extension; each family's binding is in bindings.cpp.
-CUDA_SOURCES = [CSRC / "attention_merge" / "merge.cu", CSRC / "grpo_loss" / "grpo_loss.cu"]
+CUDA_SOURCES = [CSRC / "attention_merge" / "merge.cu", CSRC / "grpo_loss" / "grpo_loss.cu",
+                CSRC / "lla_decode" / "lla_decode.cu"]
 BINDINGS = CSRC / "bindings.cpp"
 # Host-only builds of each family's arithmetic, compiled with g++ by tests/test_cuda_extension.py.
 HOST_CHECKS = {"attention_merge": CSRC / "attention_merge" / "host_check.cpp",
-               "grpo_loss": CSRC / "grpo_loss" / "host_check.cpp"}
+               "grpo_loss": CSRC / "grpo_loss" / "host_check.cpp",
+               "lla_decode": CSRC / "lla_decode" / "host_check.cpp"}
 # Cubins for A100 (sm_80) and H100 (sm_90a), plus compute_90 PTX that newer GPUs' drivers JIT-compile.
 GENCODE = [
     "-gencode=arch=compute_80,code=sm_80",

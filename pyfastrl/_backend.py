@@ -27,7 +27,7 @@ BACKEND_ENV = "PYFASTRL_BACKEND"
 # Ops that have a "flash" backend.
 FLASH_OPS = ("prefix_grouped_attention",)
 # Ops that have a "cuda" backend (the extension's kernels).
-CUDA_OPS = ("grpo_loss",)
+CUDA_OPS = ("grpo_loss", "local_linear_attention_decode")
 # Measured "flash" or "triton" per (architecture "sm80"/"sm90", dtype, head dim), from
 # `pyfastrl bench prefix-attention` on a lent GPU; where there is no entry, "auto" takes "flash"
 # wherever its kernels apply. sm90 bf16 D=128: H100, torch 2.11, triton 3.6, forward + backward,

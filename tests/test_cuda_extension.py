@@ -131,6 +131,8 @@ def test_kernels_compile_without_spills_or_stack(capsys):
     # GRPO loss: 3 segment passes x 3 dtypes, and 3 folds, per arch.
     assert sum("segment_kernel" in k.kernel for k in kernels) == 9 * len(nvcc_build.CUBIN_ARCHS)
     assert sum("fold_kernel" in k.kernel for k in kernels) == 3 * len(nvcc_build.CUBIN_ARCHS)
+    # Local-linear-attention decode: 3 dtypes x 3 covariance tile sizes (head dims up to 32, 64, 128).
+    assert sum("decode_kernel" in k.kernel for k in kernels) == 9 * len(nvcc_build.CUBIN_ARCHS)
     assert check_resources.problems(kernels) == []
 
 

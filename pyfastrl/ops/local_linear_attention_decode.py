@@ -3,9 +3,10 @@
 One torch.library custom op, ``pyfastrl::lla_decode``, with a fake (meta) implementation, so
 ``torch.compile(fullgraph=True)`` traces it as one node. Forward only: decoding needs no gradient
 (train with ``local_linear_attention``), and the op has no autograd formula. Backends
-(``pyfastrl.kernels.local_linear_attention``): ``"torch"`` (``reference.decode``: float64, exact) and
-``"triton"`` (``decode.py``: stats pass, a float64 Cholesky solve per (sequence, head), output pass).
-The CUDA-extension decode kernel of issue 16 is not implemented.
+(``pyfastrl.kernels.local_linear_attention``): ``"torch"`` (``reference.decode``: float64, exact),
+``"triton"`` (``decode.py``: stats pass, a float64 Cholesky solve per (sequence, head), output pass)
+and ``"cuda"`` (``cuda.py``, the CUDA extension's ``csrc/lla_decode``: the same passes and solve in
+one block per (sequence, head); chosen only when asked for, as it has not yet run on a GPU).
 """
 from __future__ import annotations
 
@@ -19,8 +20,14 @@ _OP = "local_linear_attention_decode"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _triton_decode():
-    # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set first.
+def _kernels(backend: str):
+    """The module of a kernel backend (``"triton"`` or ``"cuda"``): ``decode``, ``SUPPORTED_DTYPES``,
+    ``MAX_HEAD_DIM``. Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be
+    set first."""
+    if backend == "cuda":
+        from pyfastrl.kernels.local_linear_attention import cuda
+
+        return cuda
     from pyfastrl.kernels.local_linear_attention import decode
 
     return decode
@@ -29,8 +36,8 @@ def _triton_decode():
 @torch.library.custom_op("pyfastrl::lla_decode", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                ridge: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _triton_decode().decode(q, k_cache, v_cache, cache_seqlens, ridge, scale)
+    if backend in ("triton", "cuda"):
+        return _kernels(backend).decode(q, k_cache, v_cache, cache_seqlens, ridge, scale)
     return reference.decode(q, k_cache, v_cache, cache_seqlens, ridge, scale)
 
 
@@ -68,13 +75,13 @@ def _check(q, k_cache, v_cache, cache_seqlens, backend: str, validate: bool) -> 
                          f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"{_OP}: q is on {q.device} but cache_seqlens is on {cache_seqlens.device}")
-    if backend == "triton":
-        kernel = _triton_decode()
+    if backend in ("triton", "cuda"):
+        kernel = _kernels(backend)
         if q.dtype not in kernel.SUPPORTED_DTYPES:
-            raise TypeError(f"{_OP}: backend 'triton' supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; "
+            raise TypeError(f"{_OP}: backend {backend!r} supports {kernel.SUPPORTED_DTYPES}, got {q.dtype}; "
                             "use backend='torch'")
         if head_dim > kernel.MAX_HEAD_DIM:
-            raise ValueError(f"{_OP}: backend 'triton' supports head dims up to {kernel.MAX_HEAD_DIM}, got "
+            raise ValueError(f"{_OP}: backend {backend!r} supports head dims up to {kernel.MAX_HEAD_DIM}, got "
                              f"D={head_dim}; use backend='torch'")
     if validate and not torch.compiler.is_compiling():
         # One host synchronisation for every value check; cache entries past a length are not read.
@@ -128,8 +135,10 @@ def local_linear_attention_decode(
         ridge_lambda: the ridge lambda > 0: a float or an ``(Hq,)`` tensor (as in the training op).
         softmax_scale: score scale; default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16/fp32 with D <= 128, PyTorch otherwise;
-            ``PYFASTRL_BACKEND`` overrides), ``"torch"`` (float64 arithmetic, exact; any D) or
-            ``"triton"`` (D <= 128).
+            ``PYFASTRL_BACKEND`` overrides), ``"torch"`` (float64 arithmetic, exact; any D),
+            ``"triton"`` (D <= 128) or ``"cuda"`` (the optional CUDA extension's kernel, fp16/bf16/fp32,
+            D <= 128; ``"auto"`` never chooses it, it has not yet run on a GPU: only an explicit
+            ``"cuda"`` or ``PYFASTRL_BACKEND=cuda`` does).
         validate: check values at the cost of one host synchronisation: lengths in 1..T_max and
             q and the caches (within the lengths) free of NaN/inf (ValueError). Without it, shapes, dtypes and devices
             are still checked (no synchronisation), and a length outside 1..T_max gives NaN or a
@@ -141,7 +150,7 @@ def local_linear_attention_decode(
     automatic = backend == "auto"
     if isinstance(q, torch.Tensor):
         backend = resolve_backend(_OP, backend, q.device, check_device=False)
-        if automatic and backend == "triton" and (q.dtype == torch.float64 or q.shape[-1] > 128):
+        if automatic and backend in ("triton", "cuda") and (q.dtype == torch.float64 or q.shape[-1] > 128):
             backend = "torch"
     _check(q, k_cache, v_cache, cache_seqlens, backend, validate)
     require_device(_OP, backend, q.device)  # after the argument checks: those errors come first anywhere
