@@ -23,7 +23,9 @@ pyfastrl::grpo_loss::LossParams loss_params(int loss, int kl, bool has_delta, bo
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "pyfastrl CUDA kernels (raw device pointers; see kernels/prefix_attention/merge_cuda.py, kernels/grpo_loss/cuda.py, kernels/local_linear_attention/cuda.py)";
+  m.doc() =
+      "pyfastrl CUDA kernels (raw device pointers; see kernels/prefix_attention/merge_cuda.py, "
+      "kernels/grpo_loss/cuda.py, kernels/local_linear_attention/cuda.py)";
   m.def("attention_merge", &pyfastrl::attention_merge::merge,
         "Merge cross-attention partial results into rows of out/lse in place (merge.h).");
   m.def("attention_merge_add_rows", &pyfastrl::attention_merge::add_rows,

@@ -17,8 +17,9 @@
 //   solve           C + lambda I into a packed float64 lower triangle, right-looking Cholesky (a
 //                   column, then the trailing update, per step), forward and backward substitution
 //                   for eta = (C + lambda I)^-1 (q - kbar);
-//   pass 3 (output) o = sum_j p_j (1 + d_j - dbar) v_j with d_j = eta.(k_j - kbar) and dbar =
-//                   sum_j p_j d_j, 0 in exact arithmetic but removed (as the Triton decode does):
+//   pass 3 (output) o = sum_j p_j (1 + d_j - dbar) v_j / sum_j p_j with d_j = eta.(k_j - kbar) and
+//                   dbar = sum_j p_j d_j / sum_j p_j, 0 in exact arithmetic but removed (as the
+//                   Triton decode does):
 //                   the rounding of kbar shifts every d_j by one amount, which eta (large along
 //                   directions the keys barely span) makes large. p_j and d_j by lane j of warp 0,
 //                   the sums over keys by thread d.
@@ -50,8 +51,8 @@ constexpr int kMaxHeadDim = 128;
 static_assert(kGrid * kGrid == kThreads, "one covariance tile per thread");
 static_assert(kMaxHeadDim <= kThreads, "one head-dim element per thread in the key sums");
 
-// Loops the kernel keeps rolled, or unrolled only so far: fully unrolled, they keep many loads in
-// flight for more registers than the 128 a thread that two blocks an SM leave (lla_decode.cu).
+// Loops the kernel keeps rolled, or unrolled only so far: fully unrolled, they took up to 126 of the
+// 128 registers a thread that two blocks an SM leave (lla_decode.cu), against at most 112 so (nvcc 13.0).
 #if defined(__CUDACC__)
 #define PFRL_LLA_UNROLL_1 _Pragma("unroll 1")
 #define PFRL_LLA_UNROLL_4 _Pragma("unroll 4")
@@ -194,7 +195,8 @@ struct OutputSums {
   float p, pd, pv, pdv;
 };
 
-// o_d = vbar_d + (sum_j p_j d_j v_jd - dbar sum_j p_j v_jd) / sum_j p_j, vbar = sum_j p_j v_j / sum_j p_j.
+// o_d = vbar_d + (sum_j p_j d_j v_jd) / sum_j p_j - dbar vbar_d, with vbar = sum_j p_j v_j / sum_j p_j
+// and dbar = sum_j p_j d_j / sum_j p_j.
 PFRL_HD float output_value(const OutputSums& sums) {
   const float vbar = sums.pv / sums.p;
   return vbar + sums.pdv / sums.p - (sums.pd / sums.p) * vbar;

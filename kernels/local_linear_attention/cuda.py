@@ -40,5 +40,6 @@ def decode(q, k_cache, v_cache, cache_seqlens, ridge, scale: float) -> torch.Ten
         cuda_extension.module().lla_decode(
             cuda_extension.DTYPE_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             seqlens.data_ptr(), ridge.data_ptr(), out.data_ptr(), batch, num_heads, k_cache.shape[2],
-            k_cache.shape[1], head_dim, strides(q, k_cache, v_cache, out), float(scale), torch.cuda.current_stream(q.device).cuda_stream)
+            k_cache.shape[1], head_dim, strides(q, k_cache, v_cache, out), float(scale),
+            torch.cuda.current_stream(q.device).cuda_stream)
     return out
