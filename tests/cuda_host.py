@@ -33,7 +33,10 @@ def build_host_check(family, tmp_path_factory):
         pytest.skip("needs nvcc (for the CUDA headers) and g++")
     includes, _ = nvcc_build.toolkit_dirs(NVCC)
     library = tmp_path_factory.mktemp(family) / f"lib{family}_host.so"
-    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-shared", "-fPIC", f"-I{nvcc_build.CSRC}",
-                    *(f"-I{d}" for d in includes), str(nvcc_build.HOST_CHECKS[family]), "-o", str(library)],
+    # -fno-strict-aliasing: a family may reuse a shared-memory buffer for another element type
+    # (lla_decode's float tiles, then its float64 factor), as device code does.
+    subprocess.run([compiler, "-std=c++17", "-O2", "-fno-strict-aliasing", "-Wall", "-shared", "-fPIC",
+                    f"-I{nvcc_build.CSRC}", *(f"-I{d}" for d in includes), str(nvcc_build.HOST_CHECKS[family]),
+                    "-o", str(library)],
                    check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(library))

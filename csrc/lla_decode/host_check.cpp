@@ -27,7 +27,9 @@ struct HostBlock {
 
 template <typename T, int S>
 void run(const DecodeArgs<T>& a, int64_t blocks) {
-  std::vector<double> shared((shared_bytes(a.head_dim) + 7) / 8);  // 8-byte aligned, as the kernel's
+  // The block's shared memory, 8-byte aligned as the kernel's; its float tiles and float64 factor
+  // share bytes (the tests compile this with -fno-strict-aliasing).
+  std::vector<double> shared((shared_bytes(a.head_dim) + 7) / 8);
   for (int64_t block = 0; block < blocks; ++block) {
     HostBlock<S> host;
     decode_block<T, S>(a, block, shared.data(), host);
