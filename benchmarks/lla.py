@@ -24,8 +24,9 @@
 3. Decode (GPU only; with --cpu skipped, the reason recorded in the report's config): one generation
    step for a batch of 8 sequences, 16 heads, bf16, lambda = 1, cache lengths L in {1024, 4096,
    16384, 32768} (quick: 1024, 16384), D in {64, 128}: ms per step (one new token per sequence) of
-     pyfastrl_decode   local_linear_attention_decode, Triton backend
-     sdpa_decode       softmax attention of the new query over the cache, SDPA (flash)
+     pyfastrl_decode       local_linear_attention_decode, Triton backend
+     pyfastrl_decode_cuda  the same, the CUDA extension's kernel (csrc/lla_decode; where it is built)
+     sdpa_decode           softmax attention of the new query over the cache, SDPA (flash)
    Useful work per cached key and head: softmax 4*D; LLA 12*D + 2*D^2 (scores twice in the stats
    pass and once in the output pass, kbar, the centred covariance, the effective weights and the
    output), plus D^3/3 + 2*D^2 per (sequence, head) for the Cholesky solve. Bytes: the K and V caches
@@ -39,6 +40,7 @@ import torch
 
 import harness
 from pyfastrl import local_linear_attention, local_linear_attention_decode
+from pyfastrl.kernels import cuda_extension
 
 NAME = "lla"
 PLOT = {"x": "T", "series": "D", "baseline": "sdpa_softmax", "ours": "pyfastrl"}
@@ -168,8 +170,8 @@ def decode_cases(runner: harness.Runner) -> list:
             lengths = torch.full((DECODE_BATCH,), length, dtype=torch.int32, device=runner.device)
             return q, k, v, lengths
 
-        def lla(q, k, v, lengths):
-            return local_linear_attention_decode(q, k, v, lengths, ridge_lambda=RIDGE, backend="triton")
+        def lla(q, k, v, lengths, backend="triton"):
+            return local_linear_attention_decode(q, k, v, lengths, ridge_lambda=RIDGE, backend=backend)
 
         def softmax(q, k, v, lengths):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -179,10 +181,15 @@ def decode_cases(runner: harness.Runner) -> list:
         sets = runner.input_sets(make)
         nbytes = 2 * DECODE_BATCH * length * HEADS * head_dim * 2
         softmax_work = 4.0 * head_dim * HEADS * DECODE_BATCH * length
+        lla_work = lla_decode_flops(DECODE_BATCH, length, HEADS, head_dim)
         case = {"params": {"decode_L": length, "D": head_dim}, "work": {"input_sets": len(sets)}, "methods": {
-            "pyfastrl_decode": {"fwd": runner.measure(lla, sets, flops=lla_decode_flops(DECODE_BATCH, length, HEADS,
-                                                                                         head_dim), nbytes=nbytes)},
-            "sdpa_decode": {"fwd": runner.measure(softmax, sets, flops=softmax_work, nbytes=nbytes)}}}
+            "pyfastrl_decode": {"fwd": runner.measure(lla, sets, flops=lla_work, nbytes=nbytes)},
+            "sdpa_decode": {"fwd": runner.measure(softmax, sets, flops=softmax_work, nbytes=nbytes)}}, "skipped": {}}
+        if cuda_extension.unavailable_reason() is None:
+            case["methods"]["pyfastrl_decode_cuda"] = {"fwd": runner.measure(
+                lambda *inputs: lla(*inputs, backend="cuda"), sets, flops=lla_work, nbytes=nbytes)}
+        else:
+            case["skipped"]["pyfastrl_decode_cuda"] = f"the CUDA extension is {cuda_extension.unavailable_reason()}"
         ours, base = (case["methods"][m]["fwd"].get("ms") for m in ("pyfastrl_decode", "sdpa_decode"))
         if ours and base:
             case["lla_decode_over_softmax_decode"] = ours / base
