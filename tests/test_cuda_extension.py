@@ -131,6 +131,8 @@ def test_kernels_compile_without_spills_or_stack(capsys):
     # GRPO loss: 3 segment passes x 3 dtypes, and 3 folds, per arch.
     assert sum("segment_kernel" in k.kernel for k in kernels) == 9 * len(nvcc_build.CUBIN_ARCHS)
     assert sum("fold_kernel" in k.kernel for k in kernels) == 3 * len(nvcc_build.CUBIN_ARCHS)
+    for family in ("advantage_kernel", "batch_stats_kernel"):  # GRPO advantages: fp64, one of each per arch
+        assert sum(family in k.kernel for k in kernels) == len(nvcc_build.CUBIN_ARCHS), family
     assert check_resources.problems(kernels) == []
 
 
