@@ -1,7 +1,8 @@
-// Arithmetic of the GRPO loss kernels, shared by the CUDA kernels (grpo_loss.cu) and the host-only
-// check library (host_check.cpp) that the tests compile with g++ and compare against the float64
-// reference (kernels/grpo_loss/reference.py): everything here is __host__ __device__ and free of
-// thread indexing. The formulas are the reference's `_token_terms`, in fp32.
+// Arithmetic of the GRPO loss and advantage kernels, shared by the CUDA kernels (grpo_loss.cu) and
+// the host-only check library (host_check.cpp) that the tests compile with g++ and compare against
+// the float64 reference (kernels/grpo_loss/reference.py): everything here is __host__ __device__ and
+// free of thread indexing. The token formulas are the reference's `_token_terms`, in fp32; the
+// advantages (end of file) its `group_advantages`, in fp64.
 //
 // Work split: the packed tokens (N,) are cut into chunks of kChunk tokens, one thread block each.
 // A chunk meets one or more rows (row b = tokens cu[b]..cu[b+1]); the piece of row b in chunk c is
