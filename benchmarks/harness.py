@@ -40,7 +40,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASE_FILES = {"prefix-attention": "prefix_attention", "prefix-tree": "prefix_tree", "grpo-loss": "grpo_loss",
-              "grpo-loss-rows": "grpo_loss_rows", "lla": "lla", "model-step": "model_step", "layout": "layout"}
+              "grpo-loss-rows": "grpo_loss_rows", "lla": "lla", "model-step": "model_step", "layout": "layout",
+              "attention-merge": "attention_merge"}
 # Input sets are rotated until they span this many times the last-level cache (at most MAX_SETS).
 CACHE_MULTIPLE, MAX_SETS = 2, 8
 
@@ -346,7 +347,8 @@ cases: prefix-attention (grouped attention vs repeated-prompt SDPA flash/cuDNN, 
 the prefix-grouper package, the torch backend), grpo-loss (fused LM-head loss vs unfused PyTorch,
 Liger-Kernel, the matmul floor), lla (local linear attention vs SDPA flash), model-step (a training
 step of a 0.5B decoder, repeated vs grouped batch), layout (building PrefixGroupLayout and its block
-tables vs Python loops over tokens); all runs every case.
+tables vs Python loops over tokens), attention-merge (the flash backend's merge kernels, CUDA and
+Triton, in GB/s against a copy of the same bytes); all runs every case.
 
 Needs a CUDA GPU. Without one it says so and exits 0, unless --cpu: the torch backends at small
 sizes, labelled as CPU numbers (they say nothing about kernel speed).

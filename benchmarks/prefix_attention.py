@@ -280,10 +280,15 @@ def run(runner: harness.Runner):
             flops=lambda backward: useful_flops(layout, heads, head_dim, backward),
             nbytes=lambda backward: useful_bytes(layout, heads, kv_heads, head_dim, element, backward))
         cases.append(case)
+    return shape_config(runner, dtype), cases
+
+
+def shape_config(runner: harness.Runner, dtype: torch.dtype) -> dict:
+    """The report's config: the dtype and, on CUDA, the heads and head dim of CUDA_SHAPE."""
     config = {"dtype": str(dtype).removeprefix("torch.")}
     if not runner.cpu:
         config.update(Hq=CUDA_SHAPE["heads"], Hkv=CUDA_SHAPE["kv_heads"], D=CUDA_SHAPE["head_dim"])
-    return config, cases
+    return config
 
 
 if __name__ == "__main__":

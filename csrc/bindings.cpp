@@ -56,6 +56,8 @@ PYBIND11_MODULE(_cuda, m) {
                                       segments, row_log_ratio, row_via, dlogp, stream);
       },
       "dL/dlogp of the GRPO loss, closed form (grpo_loss/grpo_loss.h).");
+  m.def("grpo_advantages", &pyfastrl::grpo_loss::advantages,
+        "Group-normalised advantages of the rewards, one block per group (grpo_loss/grpo_loss.h).");
   m.def(
       "lla_decode",
       [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cache_seqlens, uintptr_t ridge, uintptr_t out,

@@ -237,12 +237,12 @@ def test_bench_help_and_unknown_case(capsys):
     assert exit_help.value.code == 0
     text = capsys.readouterr().out
     assert all(name in text for name in ("prefix-attention", "prefix-tree", "grpo-loss", "grpo-loss-rows", "lla",
-                                         "model-step", "layout", "--quick", "--cpu"))
+                                         "model-step", "layout", "attention-merge", "--quick", "--cpu"))
     with pytest.raises(SystemExit) as exit_unknown:
         main(["bench", "attention"])
     assert exit_unknown.value.code == 2
     assert ("invalid choice: 'attention' (choose from 'prefix-attention', 'prefix-tree', 'grpo-loss', "
-            "'grpo-loss-rows', 'lla', 'model-step', 'layout', 'all')") in capsys.readouterr().err
+            "'grpo-loss-rows', 'lla', 'model-step', 'layout', 'attention-merge', 'all')") in capsys.readouterr().err
 
 
 def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
@@ -270,9 +270,9 @@ def test_bench_all_on_cpu_writes_the_report_schema(tmp_path, capsys):
             for method, modes in case["methods"].items():
                 measured = modes["fwd_bwd"]
                 assert "error" not in measured, (name, method, measured)
-                # Building a layout and the loss rows are counted in bytes only: TFLOP/s 0.
+                # Building a layout, the loss rows and the merges are counted in bytes only: TFLOP/s 0.
                 assert measured["ms"] > 0 and measured["gbps"] > 0
-                assert measured["tflops"] > 0 or name in ("layout", "grpo-loss-rows")
+                assert measured["tflops"] > 0 or name in ("layout", "grpo-loss-rows", "attention-merge")
                 assert 0 < measured["roofline_fraction"] and measured["peak_extra_mib"] is None
         assert (tmp_path / f"{stem}.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
@@ -338,3 +338,57 @@ def test_prefix_tree_methods_compute_the_same_attention_and_count_tokens():
     # the kept reply of turns 1-3 lies inside the next turn's paths: 3 leaves there, 4 in the last turn
     assert tree.num_leaves == 8 * (3 * 3 + 4) and len(token_index) == 128
     assert tree.repeated_tokens == 8 * (3 * (300 + 450 + 600) + 4 * 750) == 56_400
+
+
+def _merged_in_float64(inputs):
+    """The merge and row accumulation of one ``attention_merge.MergeInputs``, in float64."""
+    t = [x.double() if x.is_floating_point() else x for x in inputs]
+    out, lse, cross_out, cross_lse, rows, dq, cross_dq, dk, dv, cross_dk, cross_dv, prompt_rows = t
+    merged_lse = torch.logaddexp(lse[:, rows], cross_lse)
+    out[rows] = (torch.exp(lse[:, rows] - merged_lse).T[..., None] * out[rows]
+                 + torch.exp(cross_lse - merged_lse).T[..., None] * cross_out)
+    lse[:, rows] = merged_lse
+    dq[rows] += cross_dq
+    dk[prompt_rows] += cross_dk
+    dv[prompt_rows] += cross_dv
+    return out, lse, dq, dk, dv
+
+
+def _run_merge_method(bench, kernels, inputs):
+    copies = bench.MergeInputs(*(x.clone() for x in inputs))
+    bench.steps(kernels)["fwd_bwd"](*copies)
+    return copies.out, copies.lse, copies.dq, copies.dk, copies.dv
+
+
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["cpu", "cuda"])
+def test_attention_merge_methods_merge_and_accumulate_rows(cuda):
+    bench = load_benchmark("attention_merge")
+    methods, skipped = bench.build_methods(cuda=cuda)
+    if cuda:
+        assert {"pyfastrl_triton", "torch_indexing"} <= set(methods) and set(methods) | set(skipped) >= {"pyfastrl"}
+    else:
+        assert set(methods) == {"pyfastrl"} and set(skipped) == {"pyfastrl_triton", "torch_indexing"}
+    inputs = bench.make_inputs(12, 5, 3, 4, 2, 64, "cuda" if cuda else "cpu", torch.float32, seed=0)
+    want = _merged_in_float64(inputs)
+    assert not torch.allclose(want[0], inputs.out.double())  # the merge changes the completion rows
+    for name, kernels in methods.items():
+        for got, expected in zip(_run_merge_method(bench, kernels, inputs), want):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_merge_bytes_count_each_tensor_once_and_copies_move_them():
+    bench = load_benchmark("attention_merge")
+    t = bench.make_inputs(12, 5, 3, 4, 2, 64, "cpu", torch.bfloat16, seed=0)
+    rows, prompt = t.cross_rows, t.prompt_rows
+    assert bench.merge_bytes(15, 4, 64, 2) == (2 * t.out[rows].nbytes + t.cross_out.nbytes + 2 * t.lse[:, rows].nbytes
+                                               + t.cross_lse.nbytes + rows.nbytes)
+    assert bench.add_rows_bytes(15, 4, 12, 2, 64, 2) == (
+        2 * (t.dq[rows].nbytes + t.dk[prompt].nbytes + t.dv[prompt].nbytes) + t.cross_dq.nbytes + t.cross_dk.nbytes
+        + t.cross_dv.nbytes + rows.nbytes + prompt.nbytes)
+    nbytes = {"fwd": 100, "bwd": 60, "fwd_bwd": 160}
+    copies, make = bench.copy_steps(nbytes, "cpu")
+    for mode, step in copies.items():
+        src, dst = make(0)
+        src.fill_(1)
+        step(src, dst)
+        assert int(dst.sum()) == nbytes[mode] // 2  # half read, half written

@@ -133,6 +133,8 @@ def test_kernels_compile_without_spills_or_stack(capsys):
     assert sum("fold_kernel" in k.kernel for k in kernels) == 3 * len(nvcc_build.CUBIN_ARCHS)
     # Local-linear-attention decode: 3 dtypes x 3 covariance tile sizes (head dims up to 32, 64, 128).
     assert sum("decode_kernel" in k.kernel for k in kernels) == 9 * len(nvcc_build.CUBIN_ARCHS)
+    for family in ("advantage_kernel", "batch_stats_kernel"):  # GRPO advantages: fp64, one of each per arch
+        assert sum(family in k.kernel for k in kernels) == len(nvcc_build.CUBIN_ARCHS), family
     assert check_resources.problems(kernels) == []
 
 

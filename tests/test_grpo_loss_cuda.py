@@ -4,8 +4,12 @@
   compiled for the host with g++ and called through ctypes, against the float64 reference, forward
   partials and backward, on rows that span several 2,048-token chunks, empty rows, masks, every
   token formula and KL estimator, token and sequence level; backend selection and its errors.
+* Every run: the advantages' arithmetic and group walk (same header) against
+  ``reference.group_advantages``: groups of 2..64, consecutive and ragged in any order, every
+  scaling, NaN rewards, identical rewards (exactly 0), rewards near 1e6.
 * ``gpu``: ``grpo_loss(..., backend="cuda")`` against the float64 torch backend (loss, metrics,
-  gradient), padded and packed, fp32 and bf16 log-probs, long rows; no host sync.
+  gradient), padded and packed, fp32 and bf16 log-probs, long rows, rewards normalised by the
+  kernel; ``grpo_advantages(..., backend="cuda")`` against ``"torch"``; no host sync.
 """
 import ctypes
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 from cuda_host import build_host_check
 
-from pyfastrl import grpo_loss
+from pyfastrl import grpo_advantages, grpo_loss
 from pyfastrl.kernels.grpo_loss import cuda as grpo_cuda
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
@@ -47,7 +51,10 @@ def host(tmp_path_factory):
         [ctypes.c_int] + [pointer] * 7 + [int64] * 2 + [ctypes.POINTER(LossParams)] + [pointer] * 3)
     handle.pyfastrl_grpo_backward_host.argtypes = (
         [ctypes.c_int] + [pointer] * 8 + [int64] * 2 + [ctypes.POINTER(LossParams)] + [pointer] * 4)
-    for function in (handle.pyfastrl_grpo_forward_host, handle.pyfastrl_grpo_backward_host):
+    handle.pyfastrl_grpo_advantages_host.argtypes = [pointer] * 3 + [int64] * 3 + [ctypes.c_int, ctypes.c_double,
+                                                                                    pointer]
+    for function in (handle.pyfastrl_grpo_forward_host, handle.pyfastrl_grpo_backward_host,
+                     handle.pyfastrl_grpo_advantages_host):
         function.restype = ctypes.c_char_p
     return handle
 
@@ -147,6 +154,90 @@ def test_host_rejects_unknown_dtype_code(host):
     assert "unknown dtype code 7" in error.decode()
 
 
+# -- advantages on the host ------------------------------------------------------------------------------
+def host_advantages(host, rewards, scale, group_size=None, group_index=None, eps=1e-4):
+    """The kernels' advantages ``(B,)`` float64 of float64 ``rewards``, as grpo_cuda.group_advantages
+    lays the groups out."""
+    num_groups = rewards.numel() // group_size if group_size else int(group_index.max()) + 1
+    order, offsets = (None, None) if group_size else grpo_cuda.group_order(group_index, num_groups)
+    out = torch.full_like(rewards, float("nan"))
+    error = host.pyfastrl_grpo_advantages_host(
+        rewards.data_ptr(), 0 if order is None else order.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
+        group_size or 0, rewards.numel(), num_groups, reference.ADVANTAGE_SCALES.index(scale), eps, out.data_ptr())
+    assert error is None, error.decode()
+    return out, num_groups
+
+
+def _grouped_rewards(sizes, seed):
+    """Float64 rewards in groups of ``sizes``, shuffled (group labels (B,) int64): one group of
+    identical rewards, NaNs (unscorable), a group with one scorable reward, one with none."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    rewards = torch.randn(labels.numel(), generator=gen, dtype=torch.float64)
+    rewards[labels == 0] = 0.7
+    rewards[torch.rand(labels.numel(), generator=gen) < 0.1] = float("nan")
+    rewards[labels == 1] = float("nan")
+    rewards[(labels == 2).nonzero()[1:, 0]] = float("nan")
+    shuffle = torch.randperm(labels.numel(), generator=gen)
+    return rewards[shuffle], labels[shuffle]
+
+
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_host_advantages_of_ragged_groups_match_float64(host, scale):
+    sizes = [5, 3, 4, 2, 64, 17, 2, 33, 9]
+    rewards, labels = _grouped_rewards(sizes, seed=0)
+    got, num_groups = host_advantages(host, rewards, scale, group_index=labels)
+    want = reference.group_advantages(rewards, labels, num_groups, scale, 1e-4)
+    assert torch.equal(got[labels == 0], torch.zeros(sizes[0], dtype=torch.float64))  # identical: exactly 0
+    assert torch.equal(got[torch.isnan(rewards)], torch.zeros_like(got[torch.isnan(rewards)]))
+    assert torch.equal(got[labels == 2], torch.zeros(sizes[2], dtype=torch.float64))  # one scorable: 0
+    assert got.abs().max() > 0.5  # the other groups are normalised, not zeroed
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("group_size", [2, 7, 64])
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_host_advantages_of_consecutive_groups_near_1e6_match_float64(host, group_size, scale):
+    gen = torch.Generator().manual_seed(group_size)
+    rewards = 1e6 + 1e-3 * torch.randn(6 * group_size, generator=gen, dtype=torch.float64)
+    rewards[:group_size] = 1e6 + 0.1  # identical rewards, far from 0
+    got, num_groups = host_advantages(host, rewards, scale, group_size=group_size)
+    want = reference.group_advantages(rewards, torch.arange(rewards.numel()) // group_size, num_groups, scale, 1e-4)
+    assert torch.equal(got[:group_size], torch.zeros(group_size, dtype=torch.float64))
+    # r - max is exact here (Sterbenz), so only the sums' rounding order may differ.
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    if scale == "group":  # 1e-3 deviations over std ~1e-3 + eps: unit-scale advantages
+        assert 0.5 < got[group_size:].abs().max() < 10
+
+
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_cuda_advantages_wrapper_on_the_host_build(host, monkeypatch, scale):
+    """grpo_advantages(backend="cuda") through kernels/grpo_loss/cuda.py (dtype conversion, ragged
+    group order and offsets, scale code), with the binding replaced by the host build."""
+    def launch(rewards, order, offsets, group_size, num_rewards, num_groups, scale_code, eps, batch_stats, out,
+               stream):
+        error = host.pyfastrl_grpo_advantages_host(rewards, order, offsets, group_size, num_rewards, num_groups,
+                                                   scale_code, eps, out)
+        assert error is None, error.decode()
+
+    monkeypatch.setattr(grpo_cuda.cuda_extension, "module", lambda: type("Host", (), {"grpo_advantages": launch}))
+    monkeypatch.setattr(grpo_cuda, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(grpo_cuda, "_stream", lambda device: 0)
+    rewards, labels = _grouped_rewards([4, 6, 3, 9, 2, 6], seed=4)  # 30 rewards
+    for kwargs, values in ((dict(group_ids=100 - 7 * labels), rewards.float()), (dict(group_size=3), rewards)):
+        want = grpo_advantages(values, scale_rewards=scale, backend="torch", **kwargs)
+        got = grpo_advantages(values, scale_rewards=scale, backend="cuda", **kwargs)
+        assert got.dtype == values.dtype and got.abs().max() > 0.5
+        torch.testing.assert_close(got, want, rtol=1e-9 if values.dtype == torch.float64 else 1.3e-6, atol=1e-12)
+
+def test_advantages_launcher_rejects_bad_sizes_and_scale_codes_before_launching():
+    module = grpo_cuda.cuda_extension.module()
+    if module is None:
+        pytest.skip("the CUDA extension is not built")
+    for group_size, scale in ((3, 0), (2, 3)):  # 3 does not divide 4 rewards; no scale code 3
+        with pytest.raises(ValueError, match="grpo advantages: need"):
+            module.grpo_advantages(0, 0, 0, group_size, 4, 2, scale, 1e-4, 0, 0, 0)
+
 # -- backend selection ---------------------------------------------------------------------------------
 def test_cuda_backend_is_refused_with_the_reason_where_it_cannot_run():
     logp = -torch.rand(2, 5)
@@ -172,6 +263,18 @@ def test_cuda_backend_refuses_float64_naming_torch():
     with pytest.raises(TypeError, match="backend 'cuda' supports .* use backend='torch'"):
         grpo_loss(logp, mask, advantages=torch.randn(2, dtype=torch.float64), backend="cuda")
 
+
+def test_grpo_advantages_backends_are_checked():
+    rewards = torch.randn(4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        grpo_advantages(rewards, group_size=2, backend="triton")
+    with pytest.raises(RuntimeError, match="grpo_advantages: backend 'cuda' is not available"):
+        grpo_advantages(rewards, group_size=2, backend="cuda")
+    with pytest.raises(ValueError, match="do not split into groups"):  # argument errors first, on any machine
+        grpo_advantages(rewards, group_size=3, backend="cuda")
+    logp, mask = -torch.rand(4, 5), torch.ones(4, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="grpo_loss: backend 'cuda' is not available"):
+        grpo_loss(logp, mask, rewards=rewards, group_size=2, backend="cuda")
 
 # -- on a GPU, with the extension built ------------------------------------------------------------------
 def _needs_extension():
@@ -253,3 +356,60 @@ def test_gpu_cuda_backend_packed_long_rows_and_no_sync():
             want = (loss, leaf.grad)
     torch.testing.assert_close(loss.double(), want[0], rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(leaf.grad.double(), want[1], rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_gpu_cuda_advantages_match_torch_without_sync(scale):
+    _needs_extension()
+    rewards, labels = _grouped_rewards([5, 3, 4, 2, 64, 17, 2, 33, 9], seed=3)
+    rewards, labels = rewards.cuda(), labels.cuda()
+    consecutive = 1e6 + 1e-3 * torch.randn(64 * 16, device="cuda", dtype=torch.float64)
+    consecutive[:16] = 3.0
+    for kwargs, values in ((dict(group_ids=labels), rewards), (dict(group_size=16), consecutive),
+                           (dict(group_size=16), (1e3 * (consecutive - 1e6)).float())):
+        want = grpo_advantages(values, scale_rewards=scale, backend="torch", **kwargs)
+        torch.cuda.synchronize()
+        if "group_size" in kwargs:  # group_ids are numbered with torch.unique, which syncs
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = grpo_advantages(values, scale_rewards=scale, backend="cuda", **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert got.dtype == values.dtype
+        # float64 sums in another order, then (float32 rewards) one rounding that may land an ulp apart.
+        tolerance = dict(rtol=1e-9, atol=1e-12) if values.dtype == torch.float64 else {}
+        torch.testing.assert_close(got, want, **tolerance)
+    assert torch.equal(got[:16], torch.zeros_like(got[:16]))  # identical rewards: exactly 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_gpu_cuda_backend_normalises_rewards_on_the_device(scale):
+    _needs_extension()
+    torch.manual_seed(0)
+    rows, width = 16, 700
+    logp = (-torch.rand(rows, width, device="cuda") * 3)
+    mask = torch.rand(rows, width, device="cuda") < 0.8
+    rewards = torch.randint(0, 3, (rows,), device="cuda").float()
+    rewards[:4] = 1.0  # a group of identical rewards
+    old, ref = _old_and_ref(logp)
+    results = {}
+    for backend, inputs in (("torch", logp.double()), ("cuda", logp)):
+        leaf = inputs.clone().requires_grad_()
+        torch.cuda.synchronize()
+        if backend == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, metrics = _call(leaf, mask, backend, CASES[0], old, ref, rewards=rewards.to(leaf.dtype),
+                                  group_size=4, scale_rewards=scale)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results[backend] = (loss, metrics, leaf.grad)
+    (loss, metrics, grad), (want_loss, want_metrics, want_grad) = results["cuda"], results["torch"]
+    assert torch.equal(grad[:4], torch.zeros_like(grad[:4]))  # advantage exactly 0, no KL term (beta 0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=2e-4, atol=1e-6)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name].double(), want_metrics[name].double(), rtol=1e-3, atol=1e-4)

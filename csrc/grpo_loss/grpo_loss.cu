@@ -5,6 +5,8 @@
 //                         block reduction of the pass's per-token quantity into segment (c + b);
 //   fold_kernel<Pass>     one thread per row: the row's segments in chunk order -> its result;
 //   grad_kernel           one block per chunk: each token's dL/dlogp.
+// And the rewards' group-normalised advantages (fp64, B numbers): advantage_kernel, one block per
+// group, after batch_stats_kernel (one block over the batch) when the std is the batch's.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -115,6 +117,47 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int kAdvantageThreads = 64;  // groups are a few to a few dozen completions
+constexpr int kAdvantageWarps = kAdvantageThreads / 32;
+
+// `value` folded over the block, in every thread (every thread must call it).
+__device__ __forceinline__ double block_fold(double value, int fold, double (&scratch)[kAdvantageWarps]) {
+PFRL_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const double other = __shfl_xor_sync(0xffffffffu, value, offset);
+    value = fold == kFoldMax ? fmax(value, other) : value + other;
+  }
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+  value = scratch[0];
+PFRL_UNROLL
+  for (int w = 1; w < kAdvantageWarps; ++w) value = fold == kFoldMax ? fmax(value, scratch[w]) : value + scratch[w];
+  __syncthreads();  // scratch is reused by the next fold
+  return value;
+}
+
+__device__ __forceinline__ RewardStats block_reward_stats(const AdvantageArgs& a, const Members& m) {
+  __shared__ double scratch[kAdvantageWarps];
+  return reward_stats(a.rewards, m, threadIdx.x, kAdvantageThreads,
+                      [&](double value, int fold) { return block_fold(value, fold, scratch); });
+}
+
+__global__ void __launch_bounds__(kAdvantageThreads) batch_stats_kernel(AdvantageArgs a, RewardStats* batch) {
+  const RewardStats s = block_reward_stats(a, batch_members(a));
+  if (threadIdx.x == 0) *batch = s;
+}
+
+__global__ void __launch_bounds__(kAdvantageThreads)
+    advantage_kernel(AdvantageArgs a, const RewardStats* __restrict__ batch, double* __restrict__ out) {
+  const Members m = group_members(a, blockIdx.x);
+  const RewardStats group = block_reward_stats(a, m);
+  const RewardStats whole = a.scale == kScaleBatch ? *batch : group;
+  for (int64_t k = m.begin + threadIdx.x; k < m.end; k += kAdvantageThreads) {
+    const int64_t i = member(m, k);
+    out[i] = advantage(a.rewards[i], group, whole, a.scale, a.eps);
+  }
+}
+
 void check_sizes(int64_t num_tokens, int64_t num_rows, const char* what) {
   if (num_tokens < 0 || num_rows < 1)
     throw std::invalid_argument(std::string(what) + ": need num_tokens >= 0 and num_rows >= 1, got " +
@@ -184,6 +227,28 @@ void backward(int dtype, uintptr_t row_grad, uintptr_t logp, uintptr_t old, uint
                                                       reinterpret_cast<T*>(dlogp));
     check_launch("grpo_loss backward");
   });
+}
+
+void advantages(uintptr_t rewards, uintptr_t order, uintptr_t offsets, int64_t group_size, int64_t num_rewards,
+                int64_t num_groups, int scale, double eps, uintptr_t batch_stats, uintptr_t advantages,
+                uintptr_t stream_handle) {
+  if (num_groups < 0 || num_groups > 0x7fffffffLL || num_rewards < 0 || scale < kScaleGroup || scale > kScaleNone ||
+      (offsets == 0 && group_size * num_groups != num_rewards))
+    throw std::invalid_argument("grpo advantages: need 0 <= num_groups < 2^31, a scale code 0..2 and, without "
+                                "offsets, group_size * num_groups == num_rewards; got " +
+                                std::to_string(num_groups) + " groups, scale " + std::to_string(scale));
+  if (num_groups == 0) return;
+  const AdvantageArgs a{reinterpret_cast<const double*>(rewards), reinterpret_cast<const int64_t*>(order),
+                        reinterpret_cast<const int64_t*>(offsets), group_size, num_rewards, num_groups, scale, eps};
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  auto* batch = reinterpret_cast<RewardStats*>(batch_stats);
+  if (scale == kScaleBatch) {
+    batch_stats_kernel<<<1, kAdvantageThreads, 0, stream>>>(a, batch);
+    check_launch("grpo advantages batch statistics");
+  }
+  advantage_kernel<<<static_cast<unsigned>(num_groups), kAdvantageThreads, 0, stream>>>(
+      a, batch, reinterpret_cast<double*>(advantages));
+  check_launch("grpo advantages");
 }
 
 }  // namespace grpo_loss

@@ -28,5 +28,13 @@ void backward(int dtype, uintptr_t row_grad, uintptr_t logp, uintptr_t old, uint
               const LossParams& params, uintptr_t segments, uintptr_t row_log_ratio, uintptr_t row_via,
               uintptr_t dlogp, uintptr_t stream);
 
+// advantages (B,) fp64: the group-normalised advantages of rewards (B,) fp64 (grpo_math.h
+// AdvantageArgs: consecutive groups of group_size when offsets is 0, else group g =
+// order[offsets[g] .. offsets[g + 1])), scale an AdvantageScale code. One block per group; for
+// kScaleBatch a one-block kernel first writes the batch's RewardStats to batch_stats (4 fp64).
+void advantages(uintptr_t rewards, uintptr_t order, uintptr_t offsets, int64_t group_size, int64_t num_rewards,
+                int64_t num_groups, int scale, double eps, uintptr_t batch_stats, uintptr_t advantages,
+                uintptr_t stream);
+
 }  // namespace grpo_loss
 }  // namespace pyfastrl

@@ -1,7 +1,8 @@
-// Arithmetic of the GRPO loss kernels, shared by the CUDA kernels (grpo_loss.cu) and the host-only
-// check library (host_check.cpp) that the tests compile with g++ and compare against the float64
-// reference (kernels/grpo_loss/reference.py): everything here is __host__ __device__ and free of
-// thread indexing. The formulas are the reference's `_token_terms`, in fp32.
+// Arithmetic of the GRPO loss and advantage kernels, shared by the CUDA kernels (grpo_loss.cu) and
+// the host-only check library (host_check.cpp) that the tests compile with g++ and compare against
+// the float64 reference (kernels/grpo_loss/reference.py): everything here is __host__ __device__ and
+// free of thread indexing. The token formulas are the reference's `_token_terms`, in fp32; the
+// advantages (end of file) its `group_advantages`, in fp64.
 //
 // Work split: the packed tokens (N,) are cut into chunks of kChunk tokens, one thread block each.
 // A chunk meets one or more rows (row b = tokens cu[b]..cu[b+1]); the piece of row b in chunk c is
@@ -234,6 +235,100 @@ PFRL_HD float token_grad(const LossArgs<T>& a, int64_t i, float row_grad, float 
   if (!token_valid(a, i)) return 0.0f;
   const TokenTerms t = terms_at(a, i, row_log_ratio);
   return a.params.sequence_level ? row_grad * (t.direct + row_via) : row_grad * (t.direct + t.via_ratio);
+}
+
+
+// ------------------------------------------------------------------------------------ advantages
+// Group-normalised advantages (reference.group_advantages, float64 like it). A reward is NaN when
+// the completion could not be scored: it is left out of its group's statistics and gets 0. Each
+// group's rewards are shifted by the group's maximum before the two-pass mean and variance, so a
+// group of identical rewards has deviations of exactly 0 and gets exactly 0 (for eps > 0).
+
+// reference.ADVANTAGE_SCALES order.
+enum AdvantageScale : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+
+// The rewards of one group: positions [begin, end) of `order` (reward indices sorted by group), or
+// rewards [begin, end) themselves when `order` is null (consecutive groups, or the whole batch).
+struct Members {
+  const int64_t* order;
+  int64_t begin, end;
+};
+
+PFRL_HD int64_t member(const Members& m, int64_t k) { return m.order != nullptr ? m.order[k] : k; }
+
+// rewards (B,) fp64; groups either consecutive runs of group_size (offsets null) or group g =
+// order[offsets[g] .. offsets[g + 1]) with order (B,) and offsets (G + 1,) int64.
+struct AdvantageArgs {
+  const double* rewards;
+  const int64_t* order;
+  const int64_t* offsets;
+  int64_t group_size, num_rewards, num_groups;
+  int scale;  // AdvantageScale
+  double eps;
+};
+
+PFRL_HD Members group_members(const AdvantageArgs& a, int64_t g) {
+  if (a.offsets == nullptr) return Members{nullptr, g * a.group_size, (g + 1) * a.group_size};
+  return Members{a.order, a.offsets[g], a.offsets[g + 1]};
+}
+
+PFRL_HD Members batch_members(const AdvantageArgs& a) { return Members{nullptr, 0, a.num_rewards}; }
+
+// A set of rewards' scorable count, maximum (the shift), mean of the shifted rewards and unbiased
+// standard deviation (0 below two scorable rewards, as the reference's clamp of count - 1 gives).
+struct RewardStats {
+  double count, pivot, mean, std;
+};
+
+PFRL_HD bool scorable(double reward) { return !isnan(reward); }
+
+PFRL_HD double centred_reward(double reward, const RewardStats& s) {
+  return scorable(reward) ? (reward - s.pivot) - s.mean : 0.0;
+}
+
+enum Fold : int { kFoldSum = 0, kFoldMax = 1 };
+
+// The statistics of `m`'s rewards in three passes (maximum and count, mean, variance). The caller
+// visits members begin + lane, begin + lane + lanes, ...; `fold(value, Fold)` combines the lanes'
+// values (a block reduction on the device, the identity on the host, where lanes == 1).
+template <typename FoldLanes>
+PFRL_HD RewardStats reward_stats(const double* rewards, const Members& m, int64_t lane, int64_t lanes,
+                                 FoldLanes&& fold) {
+  double count = 0.0, pivot = -INFINITY;
+  for (int64_t k = m.begin + lane; k < m.end; k += lanes) {
+    const double r = rewards[member(m, k)];
+    if (scorable(r)) {
+      count += 1.0;
+      pivot = fmax(pivot, r);
+    }
+  }
+  RewardStats s{fold(count, kFoldSum), fold(pivot, kFoldMax), 0.0, 0.0};
+  double shifted = 0.0;
+  for (int64_t k = m.begin + lane; k < m.end; k += lanes) {
+    const double r = rewards[member(m, k)];
+    if (scorable(r)) shifted += r - s.pivot;
+  }
+  s.mean = fold(shifted, kFoldSum) / fmax(s.count, 1.0);
+  double squares = 0.0;
+  for (int64_t k = m.begin + lane; k < m.end; k += lanes) {
+    const double c = centred_reward(rewards[member(m, k)], s);
+    squares += c * c;
+  }
+  s.std = sqrt(fold(squares, kFoldSum) / fmax(s.count - 1.0, 1.0));
+  return s;
+}
+
+// One reward's advantage; `batch` (the whole batch's statistics) is read for kScaleBatch only.
+PFRL_HD double advantage(double reward, const RewardStats& group, const RewardStats& batch, int scale, double eps) {
+  double a = centred_reward(reward, group);
+  bool enough = group.count > 1.0;
+  if (scale == kScaleGroup) {
+    a = a / (group.std + eps);
+  } else if (scale == kScaleBatch) {
+    a = a / (batch.std + eps);
+    enough = enough && batch.count > 1.0;
+  }
+  return scorable(reward) && enough ? a : 0.0;
 }
 
 }  // namespace grpo_loss

@@ -3,7 +3,7 @@
 // reference (kernels/grpo_loss/reference.py). It walks the same chunks, segments and folds as the
 // kernels (grpo_loss.cu), one token at a time where a kernel's threads share a chunk, so the token
 // formulas, the segment indexing and the fold are checked on every run; thread mapping and the
-// block reductions are not. Returns nullptr, or the error message.
+// block reductions are not. The same for the advantages. Returns nullptr, or the error message.
 #include "common/host_guard.h"
 #include "grpo_loss/grpo_math.h"
 
@@ -83,5 +83,26 @@ extern "C" const char* pyfastrl_grpo_backward_host(int dtype, uintptr_t row_grad
         out[i] = from_float<T>(token_grad(a, i, grads[b], sequence ? log_ratio[b] : 0.0f, sequence ? via[b] : 0.0f));
       }
     });
+  });
+}
+
+// advantage_kernel's walk (after batch_stats_kernel's for kScaleBatch), one reward at a time.
+extern "C" const char* pyfastrl_grpo_advantages_host(uintptr_t rewards, uintptr_t order, uintptr_t offsets,
+                                                     int64_t group_size, int64_t num_rewards, int64_t num_groups,
+                                                     int scale, double eps, uintptr_t advantages) {
+  return guarded([&] {
+    const AdvantageArgs a{reinterpret_cast<const double*>(rewards), reinterpret_cast<const int64_t*>(order),
+                          reinterpret_cast<const int64_t*>(offsets), group_size, num_rewards, num_groups, scale, eps};
+    auto one_lane = [](double value, int) { return value; };
+    const RewardStats batch = reward_stats(a.rewards, batch_members(a), 0, 1, one_lane);
+    auto* out = reinterpret_cast<double*>(advantages);
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const Members m = group_members(a, g);
+      const RewardStats group = reward_stats(a.rewards, m, 0, 1, one_lane);
+      for (int64_t k = m.begin; k < m.end; ++k) {
+        const int64_t i = member(m, k);
+        out[i] = advantage(a.rewards[i], group, batch, scale, eps);
+      }
+    }
   });
 }

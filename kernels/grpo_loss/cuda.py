@@ -12,13 +12,17 @@ each row's mean log-ratio. Arithmetic in fp32, as the Triton kernels; the formul
 Inputs as the op passes them: ``logp (N,)`` fp32/fp16/bf16, ``old``, ``advantages``, ``ref`` and
 ``weight`` (the latter two optional) ``(N,)`` fp32, ``mask (N,)`` bool or None, ``cu_seqlens
 (B+1,)`` integer. No host-device sync.
+
+``group_advantages`` is ``reference.group_advantages`` on the device: one block per group, in
+float64 like the reference, with the same shifted two-pass mean and variance (so identical rewards
+get exactly 0); ``"batch"`` scaling runs a one-block kernel over the whole batch first.
 """
 from __future__ import annotations
 
 import torch
 
 from pyfastrl.kernels import cuda_extension
-from pyfastrl.kernels.grpo_loss.reference import KL_CODES, LOSS_CODES, PARTIALS, LossOptions
+from pyfastrl.kernels.grpo_loss.reference import ADVANTAGE_SCALES, KL_CODES, LOSS_CODES, PARTIALS, LossOptions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK = 2048  # csrc/grpo_loss/grpo_math.h kChunk
@@ -95,3 +99,28 @@ def loss_backward(row_grad, logp, old, ref, weight, mask, cu_seqlens, advantages
         ptr["weight"], ptr["mask"], ptr["advantages"], ptr["cu"], logp.numel(), num_rows, *_params(opts),
         segments.data_ptr(), row_log_ratio.data_ptr(), row_via.data_ptr(), dlogp.data_ptr(), _stream(logp.device))
     return dlogp
+
+
+def group_order(group_index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's ragged-group layout: ``order (B,)`` the rewards' indices sorted by group and
+    ``offsets (G+1,)`` where each group starts in it, both int64 (no host-device sync)."""
+    order = torch.argsort(group_index, stable=True)
+    sizes = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_index.device)
+    return order, sizes.index_add_(0, group_index + 1, torch.ones_like(group_index)).cumsum(0)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int | None, group_index: torch.Tensor | None, num_groups: int,
+                     scale: str, eps: float) -> torch.Tensor:
+    """Advantages ``(B,)`` float64 of ``rewards (B,)`` (any real dtype; NaN = unscorable), as
+    ``reference.group_advantages``. Groups are consecutive runs of ``group_size`` rewards, or (with
+    ``group_size`` None) given by ``group_index (B,)`` int64 in ``[0, num_groups)``, any order;
+    ``scale`` one of ``reference.ADVANTAGE_SCALES``. No host-device sync."""
+    rewards = rewards.to(torch.float64).contiguous()
+    out = torch.empty_like(rewards)
+    order, offsets = (None, None) if group_size is not None else group_order(group_index, num_groups)
+    batch_stats = torch.empty(4, dtype=torch.float64, device=rewards.device)  # RewardStats of the batch
+    cuda_extension.module().grpo_advantages(
+        rewards.data_ptr(), 0 if order is None else order.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
+        group_size or 0, rewards.numel(), num_groups, ADVANTAGE_SCALES.index(scale), float(eps),
+        batch_stats.data_ptr(), out.data_ptr(), _stream(rewards.device))
+    return out

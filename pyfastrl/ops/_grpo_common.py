@@ -258,14 +258,15 @@ class LossSetup:
     ``row_advantages`` (``(B,)`` or None for per-token input), per-row valid ``counts``, the
     aggregation ``row_weights``, the flat detached ``old`` / ``ref`` / ``sampling`` (None when
     absent or unused), ``is_weight`` (the importance-sampling ratio per token, or None) and
-    ``vespo_log_is`` (VESPO's per-row log importance weight, or None)."""
+    ``vespo_log_is`` (VESPO's per-row log importance weight, or None). ``advantages_backend``
+    (``"torch"`` or ``"cuda"``) normalises ``rewards`` (``grpo_advantages``' backends)."""
 
     def __init__(self, op, tokens, tokens_name, valid, cu_seqlens, dtype, validation: Validation, *, advantages,
                  rewards, group_size, scale_rewards, old_per_token_logps, ref_per_token_logps, max_completion_length,
                  num_items_in_batch, importance_sampling_ratio, sampling_per_token_logps,
                  vllm_importance_sampling_correction, vllm_importance_sampling_mode, vllm_importance_sampling_clip_min,
                  vllm_importance_sampling_clip_max, off_policy_mask_threshold, top_entropy_quantile, vespo_k_pos,
-                 vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, **options):
+                 vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, advantages_backend="torch", **options):
         from pyfastrl.ops.grpo_advantages import group_advantages
 
         device = tokens.device
@@ -304,7 +305,8 @@ class LossSetup:
                 raise ValueError(f"{op}: rewards has {rewards.numel()} entries but there are {num_rows} rows")
             if group_size is None:
                 raise ValueError(f"{op}: rewards need group_size (completions per prompt) to be normalised")
-            advantages = group_advantages(rewards, group_size, None, scale_rewards, 1e-4, validation)
+            advantages = group_advantages(rewards, group_size, None, scale_rewards, 1e-4, validation,
+                                          advantages_backend, op)
         elif group_size is not None:
             raise ValueError(f"{op}: group_size goes with rewards; advantages are already normalised")
         check_tensor(op, "advantages", advantages, (1, 2), FLOAT_DTYPES, device)

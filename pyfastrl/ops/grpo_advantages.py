@@ -1,4 +1,5 @@
-"""``grpo_advantages``: group-normalised advantages with TRL's conventions (plain PyTorch on B numbers)."""
+"""``grpo_advantages``: group-normalised advantages with TRL's conventions (plain PyTorch on B numbers,
+or the CUDA extension's kernel: one block per group)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ from numbers import Real
 
 import torch
 
+from pyfastrl._backend import require_device
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.ops._grpo_common import Validation, check_tensor, number, scale_rewards_name
 
@@ -18,6 +20,7 @@ def grpo_advantages(
     scale_rewards: str | bool = "group",
     eps: float = 1e-4,
     validate: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Group-normalised advantages (GRPO), as TRL's ``GRPOTrainer`` computes them.
 
@@ -32,7 +35,11 @@ def grpo_advantages(
             ``"batch"``: mean per group, std over the whole batch; ``"none"`` (or False; Dr. GRPO):
             ``r - mean_g``. Standard deviations are unbiased (Bessel), as TRL's.
         eps: added to the standard deviation (TRL: 1e-4; verl: 1e-6).
-        validate: check that no reward is infinite (one host-device sync). Off by default: no sync.
+        validate: check that no reward is infinite (one host-device sync). Off by default: no sync
+            (``group_ids`` syncs once anyway: numbering the groups needs their count on the host).
+        backend: ``"torch"``, ``"cuda"`` (the CUDA extension's kernel, ``csrc/grpo_loss``: one
+            block per group, same float64 arithmetic; needs ``PYFASTRL_BUILD_CUDA=1 pip install -e .``)
+            or ``"auto"`` (= ``"torch"`` until a GPU has measured the kernel faster).
 
     Returns:
         ``(B,)`` advantages in the rewards' dtype (float32 for integer rewards). Computed in
@@ -41,18 +48,25 @@ def grpo_advantages(
         two scorable completions gets 0 (TRL: NaN, then 0).
 
     Raises:
-        ValueError for a group size that does not divide B, an unknown ``scale_rewards``, and
-        (``validate=True``) an infinite reward, naming the first.
+        ValueError for a group size that does not divide B, an unknown ``scale_rewards`` or
+        ``backend``, and (``validate=True``) an infinite reward, naming the first; RuntimeError when
+        the ``"cuda"`` backend cannot run (extension not built, CPU tensors).
     """
     validation = Validation("grpo_advantages", validate)
-    advantages = group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation)
+    advantages = group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation, backend)
     validation.read()
     return advantages
 
 
-def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation: Validation) -> torch.Tensor:
-    """``grpo_advantages`` with its value checks added to ``validation`` (read by the caller)."""
-    op = "grpo_advantages"
+ADVANTAGE_BACKENDS = ("auto", "torch", "cuda")
+
+
+def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validation: Validation,
+                     backend: str = "torch", op: str = "grpo_advantages") -> torch.Tensor:
+    """``grpo_advantages`` with its value checks added to ``validation`` (read by the caller); ``op``
+    names the public function in errors."""
+    if backend not in ADVANTAGE_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {ADVANTAGE_BACKENDS}, got {backend!r}")
     check_tensor(op, "rewards", rewards, (1,), None)
     if rewards.is_complex() or rewards.dtype == torch.bool:
         raise TypeError(f"{op}: rewards must be real numbers, got {rewards.dtype}")
@@ -69,8 +83,8 @@ def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validat
                 f"{op}: {num} rewards do not split into groups of group_size={group_size} "
                 f"({num % int(group_size)} left over)"
             )
-        group_index = torch.arange(num, device=rewards.device) // int(group_size)
-        num_groups = num // int(group_size)
+        group_size, group_index = int(group_size), None
+        num_groups = num // group_size
     else:
         check_tensor(op, "group_ids", group_ids, (1,), None, rewards.device)
         if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.numel() != num:
@@ -83,4 +97,13 @@ def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validat
                                                f"{rewards[infinite].flatten()[0].item()}; rewards must be finite "
                                                "(NaN marks an unscorable completion)")
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return reference.group_advantages(rewards, group_index, num_groups, scale, float(eps)).to(out_dtype)
+    if backend == "cuda":
+        require_device(op, backend, rewards.device)  # after the argument checks: those errors come first anywhere
+        from pyfastrl.kernels.grpo_loss import cuda
+
+        advantages = cuda.group_advantages(rewards, group_size, group_index, num_groups, scale, float(eps))
+    else:
+        if group_index is None:
+            group_index = torch.arange(num, device=rewards.device) // group_size
+        advantages = reference.group_advantages(rewards, group_index, num_groups, scale, float(eps))
+    return advantages.to(out_dtype)

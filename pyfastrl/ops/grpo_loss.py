@@ -19,6 +19,7 @@ from pyfastrl.ops._grpo_common import (
     bool_mask,
     check_tensor,
     check_triton_dtype,
+    cuda_kernels,
     implementation,
     loss_arguments,
     metrics,
@@ -161,7 +162,8 @@ def grpo_loss(
         completion_mask: same shape; nonzero marks the tokens that count (TRL's ``completion_mask``
             times its ``tool_mask``). Masked tokens contribute exactly nothing, whatever their values.
         advantages: ``(B,)`` per completion, or per token (the shape of ``per_token_logps``); or instead
-        rewards, group_size, scale_rewards: ``(B,)`` rewards normalised inside with ``grpo_advantages``.
+        rewards, group_size, scale_rewards: ``(B,)`` rewards normalised inside with ``grpo_advantages``
+            (on the device by the extension's kernel with ``backend="cuda"``).
         old_per_token_logps: behaviour-policy log-probs; None means on-policy (``old =
             per_token_logps.detach()``: ratio 1, loss often 0, gradient not).
         ref_per_token_logps: reference-policy log-probs for the KL term (needed when ``beta > 0``).
@@ -227,8 +229,11 @@ def grpo_loss(
     valid = bool_mask(op, completion_mask, per_token_logps, "per_token_logps").reshape(-1).contiguous()
     dtype = reference.compute_dtype(per_token_logps.dtype)
     validation = Validation(op, validate)
+    # Rewards are normalised by the CUDA kernel with the cuda backend; where that cannot run,
+    # require_device below says so after the remaining argument checks.
+    cuda_advantages = backend == "cuda" and cuda_kernels().unavailable_reason(device) is None
     setup = LossSetup(op, per_token_logps, "per_token_logps", valid, cu_seqlens, dtype, validation,
-                      **loss_arguments(locals()))
+                      advantages_backend="cuda" if cuda_advantages else "torch", **loss_arguments(locals()))
     same_shape(op, "entropies", entropies, per_token_logps, "per_token_logps")
     if setup.stage.top_entropy_quantile < 1.0 and entropies is None:
         raise ValueError(f"{op}: top_entropy_quantile < 1 masks tokens by entropy: pass entropies")
