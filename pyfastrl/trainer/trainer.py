@@ -494,7 +494,7 @@ class GRPOTrainer:
             self.tokenizer.save_pretrained(path)
         state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.world_size,
                  "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                 "processes": processes, "history": self.history}
+                 "processes": processes, "history": self.history, "attention": self.attention}
         torch.save(state, os.path.join(path, "trainer_state.pt"))
         return path
 
@@ -521,6 +521,10 @@ class GRPOTrainer:
         if state["world_size"] != self.world_size:
             raise ValueError(f"resume: the checkpoint was written by {state['world_size']} process(es), this run "
                              f"has {self.world_size}; each process's rollout and RNG are part of the state")
+        saved_attention = state.get("attention", pft.ATTN_IMPLEMENTATION)  # written before LLA policies: softmax
+        if saved_attention != self.attention:
+            raise ValueError(f"resume: the checkpoint's policy ran {saved_attention!r} attention, this model runs "
+                             f"{self.attention!r} (pyfastrl train: the same --attention as the run)")
         later = [path for step, path in _checkpoints(directory) if step > state["step"]]
         if later:
             raise ValueError(f"resume: resuming from step {state['step']} would overwrite the later checkpoints "
