@@ -23,6 +23,9 @@ A real run: --model DIR (a local transformers causal-LM directory with its token
 FILE.jsonl (one JSON object per line with a "prompt" string and the fields the rewards read) and
 --reward (built-in name or module:function, repeatable). Every GRPOConfig option can be set in
 --config FILE (.toml, .yaml or .json); the flags below override it.
+
+--attention lla trains a local linear attention policy instead (the built-in model or --model switched
+to it), on repeated-prompt batches: there is no prefix-grouped LLA op.
 """
 BUILTIN_REWARDS = ("letter", "exact_match", "contains")
 ATTENTIONS = ("softmax", "lla")
