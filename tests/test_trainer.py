@@ -410,11 +410,3 @@ def test_resume_refuses_another_number_of_processes(two_process_runs, tmp_path):
     with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1"):
         trainer.resume(str(two_process_runs["fsdp"][0] / "checkpoint-1"))
 
-
-def test_a_local_linear_attention_policy_is_refused_not_silently_switched_to_softmax(tmp_path):
-    from pyfastrl.integrations.transformers_lla import enable_local_linear_attention
-
-    tokenizer = default_task.build_tokenizer()
-    model = enable_local_linear_attention(default_task.build_model(tokenizer))
-    with pytest.raises(ValueError, match="local linear attention"):
-        _trainer(tmp_path, model=model)

@@ -23,8 +23,12 @@ A real run: --model DIR (a local transformers causal-LM directory with its token
 FILE.jsonl (one JSON object per line with a "prompt" string and the fields the rewards read) and
 --reward (built-in name or module:function, repeatable). Every GRPOConfig option can be set in
 --config FILE (.toml, .yaml or .json); the flags below override it.
+
+--attention lla trains a local linear attention policy instead (the built-in model or --model switched
+to it), on repeated-prompt batches: there is no prefix-grouped LLA op.
 """
 BUILTIN_REWARDS = ("letter", "exact_match", "contains")
+ATTENTIONS = ("softmax", "lla")
 
 
 def add_parser(commands) -> None:
@@ -51,6 +55,14 @@ def add_parser(commands) -> None:
                        help="train the grouped and the --no-grouping run side by side (interleaved step by step, "
                        "same model, data and seed) and print the token ratio and the measured time ratio; "
                        "writes no checkpoints")
+    train.add_argument("--attention", choices=ATTENTIONS, default="softmax",
+                       help="the policy's attention: softmax (the model's own) or lla: every attention layer "
+                       "switched to local linear attention (enable_local_linear_attention, its per-head ridge "
+                       "lambdas trained too; before the built-in warm-up), sampled through its KV-cache decode "
+                       "path and trained on repeated-prompt batches (it has no prefix-grouped op)")
+    train.add_argument("--ridge-lambda", type=float, default=None, metavar="LAMBDA",
+                       help="with --attention lla: the initial ridge lambda of every head (default 1.0; the "
+                       "larger, the closer to softmax attention)")
     train.add_argument("--distributed", choices=DISTRIBUTED,
                        help="under torchrun --nproc_per_node N: ddp (DistributedDataParallel, a full replica per "
                        "process; the default) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state "
@@ -119,6 +131,15 @@ def _load_model(path: str, device):
     return model.to(device), tokenizer
 
 
+def _switch_attention(model, args):
+    """The model with ``--attention``: as it is, or switched to local linear attention in place."""
+    if args.attention != "lla":
+        return model
+    from pyfastrl.integrations.transformers_lla import enable_local_linear_attention
+
+    return enable_local_linear_attention(model, ridge_lambda=1.0 if args.ridge_lambda is None else args.ridge_lambda)
+
+
 def run(args) -> int:
     import torch
 
@@ -172,7 +193,11 @@ def _train_on(args, device) -> int:
     flags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
              "num_generations": args.num_generations, "seed": args.seed, "distributed": args.distributed}
     options.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_grouping:
+    if args.ridge_lambda is not None and args.attention != "lla":
+        raise ValueError("--ridge-lambda is for --attention lla")
+    if args.attention == "lla" and args.compare_grouping:
+        raise ValueError("--compare-grouping compares prefix grouping, which --attention lla does not have")
+    if args.no_grouping or args.attention == "lla":
         options["use_prefix_grouping"] = False
     builtin = args.model is None and args.dataset is None
     if args.warm_up_steps is not None and (not builtin or args.warm_up_steps < 0):
@@ -181,7 +206,7 @@ def _train_on(args, device) -> int:
     if builtin:
         config = default_task.default_config(**options)
         tokenizer = default_task.build_tokenizer()
-        model = default_task.build_model(tokenizer, seed=config.seed).to(device)
+        model = _switch_attention(default_task.build_model(tokenizer, seed=config.seed).to(device), args)
         dataset = default_task.build_dataset(seed=config.seed)
         steps = default_task.WARM_UP_STEPS if args.warm_up_steps is None else args.warm_up_steps
         if steps:
@@ -198,10 +223,12 @@ def _train_on(args, device) -> int:
             raise ValueError("--model and --dataset go together (without both, the built-in default runs)")
         config = GRPOConfig(**options)
         model, tokenizer = _load_model(args.model, device)
+        model = _switch_attention(model, args)
         dataset = load_jsonl(args.dataset)
     rewards = [resolve_reward(spec) for spec in (args.reward or ["letter"])]
     trainer = GRPOTrainer(model, rewards, dataset, config, tokenizer)
     what = "built-in tiny Llama on the letter task" if builtin else f"{args.model} on {args.dataset}"
+    what += " with local linear attention" if args.attention == "lla" else ""
     if trainer.rank == 0:
         print(f"training {what}: {config.max_steps} steps, {config.prompts_per_step * trainer.world_size} prompts x "
               f"{config.num_generations} completions per step over {trainer.world_size} process(es)"
@@ -225,7 +252,7 @@ def _print_summary(summary: dict, config) -> None:
           f"steps {summary['final_reward']:.3f}")
     print(f"tokens through the model: repeated-prompt batches would hold {summary['tokens_repeated']:,} tokens, "
           f"grouped batches hold {summary['tokens_grouped']:,} ({saved:,} saved, {ratio:.2f}x fewer)"
-          + ("" if config.use_prefix_grouping else " [this run used the repeated batches: --no-grouping]"))
+          + ("" if config.use_prefix_grouping else " [this run used the repeated batches]"))
     print(f"metrics: {os.path.join(config.output_dir, 'metrics.jsonl')}")
     if summary.get("plot"):
         print(f"plot:    {summary['plot']}")

@@ -27,7 +27,7 @@ def compare_grouping(grouped, repeated, *, progress: bool = True) -> dict:
     """Run ``grouped`` (``use_prefix_grouping=True``) and ``repeated`` (False) to their ``max_steps``,
     interleaved. Returns the seconds of each, the median over steps of the per-step time ratio
     (repeated / grouped), the token counts of both layouts and the final mean rewards."""
-    if not grouped.config.use_prefix_grouping or repeated.config.use_prefix_grouping:
+    if not grouped.grouped or repeated.grouped:
         raise ValueError("compare_grouping: pass the grouped trainer first and the --no-grouping one second")
     from tqdm.auto import tqdm
 

@@ -64,7 +64,9 @@ class GRPOConfig:
     save_steps: int = 500  # and always the last step
     # Ours:
     max_prompt_length: int | None = 512  # keep the prompt's last tokens (TRL 1.16 has no such option)
-    use_prefix_grouping: bool = True  # the prompt once per group (pyfastrl_prefix attention) vs repeated
+    # The prompt once per group (pyfastrl_prefix attention) vs repeated; an LLA model has no grouped op and
+    # always runs (left-padded) repeated batches (pyfastrl.trainer.attention).
+    use_prefix_grouping: bool = True
     backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
     dtype: str = "float32"  # model dtype
     distributed: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard)

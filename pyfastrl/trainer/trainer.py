@@ -6,7 +6,8 @@ One optimizer step:
    normalised per group (``grpo_advantages``); old log-probs (when the rollout is reused) and
    reference log-probs (when ``beta > 0``) are taken with ``selective_logprobs``.
 2. ``gradient_accumulation_steps`` micro-batches of whole groups: the policy runs on the
-   prefix-grouped batch (each prompt once, ``"pyfastrl_prefix"`` attention) and
+   prefix-grouped batch (each prompt once, ``"pyfastrl_prefix"`` attention; a model with local
+   linear attention keeps it, on repeated-prompt batches: ``attention.py``) and
    ``fused_linear_grpo_loss`` takes its final hidden states and the LM head, so no logits are
    materialised; the loss is normalised by the step's total completion tokens (all processes), so
    the accumulated gradient is the full batch's.
@@ -36,8 +37,8 @@ import torch
 
 from pyfastrl import grpo_advantages, selective_logprobs
 from pyfastrl.integrations import transformers as pft
-from pyfastrl.integrations import transformers_lla
 from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
+from pyfastrl.trainer.attention import batch_layout, policy_attention
 from pyfastrl.trainer.config import GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -138,14 +139,17 @@ class GRPOTrainer:
 
     Args:
         model: a transformers causal LM (its attention is switched to ``"pyfastrl_prefix"``, which
-            is transformers' SDPA for generation and anything else without a grouped layout).
+            is transformers' SDPA for generation and anything else without a grouped layout), or one
+            switched to local linear attention (``enable_local_linear_attention``), which keeps it
+            everywhere and trains on left-padded repeated-prompt batches (``attention.py``).
         reward_funcs: a callable or a list of them, ``f(prompts, completions, **columns) ->
             list[float]`` with one number per completion; ``columns`` are the dataset's other fields,
             repeated per completion (TRL's convention). Summed with ``config.reward_weights``.
         train_dataset: a list of dict rows, each with a ``"prompt"`` string.
         config: ``GRPOConfig``.
         tokenizer: the model's tokenizer (needs ``eos_token_id``; ``pad_token_id`` defaults to it).
-        ref_model: the reference policy for ``beta > 0`` (default: a frozen copy of ``model``).
+        ref_model: the reference policy for ``beta > 0`` (default: a frozen copy of ``model``), with
+            ``model``'s kind of attention.
     """
 
     def __init__(self, model, reward_funcs, train_dataset, config: GRPOConfig, tokenizer, *, ref_model=None):
@@ -170,20 +174,16 @@ class GRPOTrainer:
         torch.manual_seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
         pft.register()
-        if getattr(model.config, "_attn_implementation", None) == transformers_lla.ATTN_IMPLEMENTATION:
-            # The grouped policy forward is softmax prefix-grouped attention: switching the model to it
-            # would train a different model than the one given, silently.
-            raise ValueError(
-                "GRPOTrainer: the model uses local linear attention ('pyfastrl_lla'), which the trainer's "
-                "prefix-grouped forward does not implement; train it with softmax attention or another trainer"
-            )
+        self.attention = policy_attention(model, ref_model)  # the model's own: softmax or local linear attention
+        self.grouped, self.padding_side = batch_layout(self.attention, config.use_prefix_grouping,
+                                                       announce=self.rank == 0)
         self.model = model.to(_DTYPES[config.dtype])
-        self.model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+        self.model.set_attn_implementation(self.attention)
         self.device = next(self.model.parameters()).device
         self.ref_policy = None
         if config.beta > 0:
             ref_model = copy.deepcopy(self.model) if ref_model is None else ref_model.to(_DTYPES[config.dtype])
-            ref_model.set_attn_implementation(pft.ATTN_IMPLEMENTATION)
+            ref_model.set_attn_implementation(self.attention)
             self.ref_policy = _Policy(ref_model.requires_grad_(False).eval())
         self.policy = _Policy(self.model)
         self.policy_loss = self.policy  # what the loss is called through
@@ -260,7 +260,7 @@ class GRPOTrainer:
         sequences = self.policy.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), do_sample=True,
             temperature=config.temperature, top_p=config.top_p, top_k=0, max_new_tokens=config.max_completion_length,
-            num_return_sequences=config.num_generations, pad_token_id=self.pad_token_id,
+            num_return_sequences=config.num_generations, pad_token_id=self.pad_token_id, use_cache=True,
             eos_token_id=self.tokenizer.eos_token_id,
             # Sharded layers are gathered collectively at every decoding step, so a process whose
             # completions all ended keeps stepping until every process's have.
@@ -309,9 +309,10 @@ class GRPOTrainer:
                                                    (start + per) * self.config.num_generations)
 
     def _build_batch(self, prompt_ids, completion_ids):
-        if self.config.use_prefix_grouping:
+        if self.grouped:
             return pft.build_grouped_batch(prompt_ids, completion_ids, device=self.device)
-        return pft.build_repeated_batch(prompt_ids, completion_ids, pad_token_id=self.pad_token_id, device=self.device)
+        return pft.build_repeated_batch(prompt_ids, completion_ids, padding_side=self.padding_side,
+                                        pad_token_id=self.pad_token_id, device=self.device)
 
     def _logprobs(self, policies: list, rollout: Rollout) -> list:
         """Per policy, its packed completion-token log-probs of each micro-batch (each batch built once)."""
@@ -374,7 +375,7 @@ class GRPOTrainer:
             tokens = float(batch.completion_lens.sum())
             sums += torch.tensor([loss.item() * scale, float(metrics["kl"]) * tokens,
                                   float(metrics["clip_ratio/region_mean"]) * tokens, float(metrics["entropy"]) * tokens,
-                                  tokens, float(batch.input_ids.numel() if self.config.use_prefix_grouping
+                                  tokens, float(batch.input_ids.numel() if self.grouped
                                                 else batch.attention_mask.sum())], dtype=torch.float64)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
@@ -493,7 +494,7 @@ class GRPOTrainer:
             self.tokenizer.save_pretrained(path)
         state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.world_size,
                  "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                 "processes": processes, "history": self.history}
+                 "processes": processes, "history": self.history, "attention": self.attention}
         torch.save(state, os.path.join(path, "trainer_state.pt"))
         return path
 
@@ -520,6 +521,10 @@ class GRPOTrainer:
         if state["world_size"] != self.world_size:
             raise ValueError(f"resume: the checkpoint was written by {state['world_size']} process(es), this run "
                              f"has {self.world_size}; each process's rollout and RNG are part of the state")
+        saved_attention = state.get("attention", pft.ATTN_IMPLEMENTATION)  # written before LLA policies: softmax
+        if saved_attention != self.attention:
+            raise ValueError(f"resume: the checkpoint's policy ran {saved_attention!r} attention, this model runs "
+                             f"{self.attention!r} (pyfastrl train: the same --attention as the run)")
         later = [path for step, path in _checkpoints(directory) if step > state["step"]]
         if later:
             raise ValueError(f"resume: resuming from step {state['step']} would overwrite the later checkpoints "
