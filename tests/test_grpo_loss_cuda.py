@@ -210,10 +210,9 @@ def test_host_advantages_of_consecutive_groups_near_1e6_match_float64(host, grou
         assert 0.5 < got[group_size:].abs().max() < 10
 
 
-@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
-def test_cuda_advantages_wrapper_on_the_host_build(host, monkeypatch, scale):
-    """grpo_advantages(backend="cuda") through kernels/grpo_loss/cuda.py (dtype conversion, ragged
-    group order and offsets, scale code), with the binding replaced by the host build."""
+@pytest.fixture
+def host_binding(host, monkeypatch):
+    """The extension's ``grpo_advantages`` binding replaced by the host build (CPU tensors)."""
     def launch(rewards, order, offsets, group_size, num_rewards, num_groups, scale_code, eps, batch_stats, out,
                stream):
         error = host.pyfastrl_grpo_advantages_host(rewards, order, offsets, group_size, num_rewards, num_groups,
@@ -223,12 +222,36 @@ def test_cuda_advantages_wrapper_on_the_host_build(host, monkeypatch, scale):
     monkeypatch.setattr(grpo_cuda.cuda_extension, "module", lambda: type("Host", (), {"grpo_advantages": launch}))
     monkeypatch.setattr(grpo_cuda, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(grpo_cuda, "_stream", lambda device: 0)
+
+
+@pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
+def test_cuda_advantages_wrapper_on_the_host_build(host_binding, scale):
+    """grpo_advantages(backend="cuda") through kernels/grpo_loss/cuda.py (dtype conversion, ragged
+    group order and offsets, scale code), with the binding replaced by the host build."""
     rewards, labels = _grouped_rewards([4, 6, 3, 9, 2, 6], seed=4)  # 30 rewards
     for kwargs, values in ((dict(group_ids=100 - 7 * labels), rewards.float()), (dict(group_size=3), rewards)):
         want = grpo_advantages(values, scale_rewards=scale, backend="torch", **kwargs)
         got = grpo_advantages(values, scale_rewards=scale, backend="cuda", **kwargs)
         assert got.dtype == values.dtype and got.abs().max() > 0.5
         torch.testing.assert_close(got, want, rtol=1e-9 if values.dtype == torch.float64 else 1.3e-6, atol=1e-12)
+
+
+def test_cuda_advantages_custom_op_and_compile(host_binding):
+    """The CUDA advantages are one custom op (``pyfastrl::grpo_advantages_cuda``): opcheck passes and
+    ``torch.compile(fullgraph=True)`` traces grpo_advantages(backend="cuda") without a graph break."""
+    from pyfastrl.ops.grpo_advantages import _cuda_advantages_op
+
+    rewards, labels = _grouped_rewards([4, 6, 3, 9, 2, 6], seed=5)
+    order = torch.unique(labels, return_inverse=True)[1]
+    torch.library.opcheck(_cuda_advantages_op, (rewards, order, 0, 6, "group", 1e-4))
+    torch.library.opcheck(_cuda_advantages_op, (rewards, None, 3, 10, "batch", 1e-4))
+
+    def fn(r):
+        return grpo_advantages(r, group_size=3, scale_rewards="group", backend="cuda")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(rewards), grpo_advantages(rewards, group_size=3, backend="torch"),
+                               rtol=1e-9, atol=1e-12)
 
 def test_advantages_launcher_rejects_bad_sizes_and_scale_codes_before_launching():
     module = grpo_cuda.cuda_extension.module()

@@ -1,5 +1,6 @@
 """``grpo_advantages``: group-normalised advantages with TRL's conventions (plain PyTorch on B numbers,
-or the CUDA extension's kernel: one block per group)."""
+or the CUDA extension's kernel: one block per group). The CUDA kernel is the custom op
+``pyfastrl::grpo_advantages_cuda``, so ``torch.compile(fullgraph=True)`` traces it as one node."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,20 @@ import torch
 from pyfastrl._backend import require_device
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.ops._grpo_common import Validation, check_tensor, number, scale_rewards_name
+
+
+@torch.library.custom_op("pyfastrl::grpo_advantages_cuda", mutates_args=())
+def _cuda_advantages_op(rewards: torch.Tensor, group_index: torch.Tensor | None, group_size: int, num_groups: int,
+                        scale: str, eps: float) -> torch.Tensor:
+    """``(B,)`` float64 advantages from the extension's kernels; ``group_size`` 0: groups by ``group_index``."""
+    from pyfastrl.kernels.grpo_loss import cuda
+
+    return cuda.group_advantages(rewards, group_size or None, group_index, num_groups, scale, eps)
+
+
+@_cuda_advantages_op.register_fake
+def _(rewards, group_index, group_size, num_groups, scale, eps):
+    return rewards.new_empty(rewards.shape, dtype=torch.float64)
 
 
 def grpo_advantages(
@@ -99,9 +114,7 @@ def group_advantages(rewards, group_size, group_ids, scale_rewards, eps, validat
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     if backend == "cuda":
         require_device(op, backend, rewards.device)  # after the argument checks: those errors come first anywhere
-        from pyfastrl.kernels.grpo_loss import cuda
-
-        advantages = cuda.group_advantages(rewards, group_size, group_index, num_groups, scale, float(eps))
+        advantages = _cuda_advantages_op(rewards, group_index, group_size or 0, num_groups, scale, float(eps))
     else:
         if group_index is None:
             group_index = torch.arange(num, device=rewards.device) // group_size
