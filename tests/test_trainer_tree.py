@@ -103,7 +103,7 @@ def test_a_conversation_shares_a_micro_batch_and_its_earlier_turns_are_stored_on
     completions = 2 * g * len(prompt_ids)
     assert grouped_tokens(prompt_ids, completion_ids) == sum(map(len, ids)) + completions
     assert tree_tokens(prompt_ids, completion_ids) == len(ids[-1]) + completions
-    # The built-in multi-turn run's micro-batch: 4 turns of 8 completions of 8 tokens, 2.3x fewer tokens.
+    # The built-in multi-turn run: a conversation per micro-batch, as many completions per step as the letter run.
     config = default_task.multi_turn_config()
     assert config.per_device_train_batch_size // config.num_generations == TURNS
     assert config.completions_per_step == default_task.default_config().completions_per_step
