@@ -14,7 +14,9 @@ The multi-turn variant (``pyfastrl train --task multi-turn``): conversations of 
 each naming a letter; a conversation is TURNS consecutive rows, row k its first k turns (the earlier
 ones answered correctly) as a TRL conversational prompt, rendered by the tokenizer's chat template.
 The rows of a conversation share one micro-batch (``multi_turn_config``), and each row's prompt is a
-prefix of the next one's: the prefix-tree batch stores the conversation's earlier turns once.
+prefix of the next one's: the prefix-tree batch stores the conversation's earlier turns once. The
+tiny model does not learn this variant in 60 steps (reward about 1/4 throughout: the letter sits 13
+characters before the end, behind the other turns' letters); it exercises the batch layouts.
 """
 from __future__ import annotations
 
