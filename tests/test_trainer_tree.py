@@ -171,3 +171,14 @@ def test_multi_turn_task_from_the_command_line(tmp_path, capsys):
     assert all(r["model_tokens"] == r["tokens_grouped"] for r in records), records
     assert main(["train", "--task", "multi-turn", "--dataset", "x.jsonl", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--task chooses the built-in default's task" in capsys.readouterr().err
+
+
+def test_compare_grouping_compares_one_level_grouped_batches(tmp_path, capsys):
+    from pyfastrl.trainer.compare_grouping import run_comparison
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    assert run_comparison(trainer, [default_task.letter_reward], trainer.dataset, trainer.tokenizer) == 0
+    assert "compared over 1 steps" in capsys.readouterr().out
+    prompts, _ = next(trainer._micro_batches(trainer.rollout))  # a conversation, stored grouped
+    assert isinstance(trainer._build_batch(trainer.rollout.prompt_ids[prompts], trainer.rollout.completion_ids[prompts]),
+                      GroupedBatch)
