@@ -245,10 +245,7 @@ class PrefixTreeLayout:
         tensor that is not 1-D.
         """
         rows, values = _token_rows(sequences)
-        # Sort lexicographically: sequences sharing a prefix are then adjacent, and the longest
-        # prefix a sequence shares with any earlier one is the one it shares with its predecessor.
-        order = sorted(range(len(rows)), key=lambda i: rows[i])
-        shared = _common_prefix_lengths([values[i] for i in order])
+        order, shared = _sorted_common_prefixes(rows, values)
 
         # Trie nodes (a node ends a segment): depth = tokens from the root to its end.
         node_depth, node_parent, node_children = [0], [-1], [[]]
@@ -317,6 +314,15 @@ class PrefixTreeLayout:
         token_index = list(_ranges(run_starts_t, run_lengths_t, sum(sizes)).split(sizes))
         return layout, token_index
 
+    @staticmethod
+    def packed_token_count(sequences) -> int:
+        """``from_sequences(sequences)[0].total_tokens`` counted on the host without building the
+        layout (nothing goes to a device): every distinct prefix once, that is the total length less
+        each sequence's common prefix with its predecessor in sorted order. Args and errors as
+        ``from_sequences``."""
+        rows, values = _token_rows(sequences)
+        return sum(len(row) for row in rows) - sum(_sorted_common_prefixes(rows, values)[1])
+
     # -- conveniences --------------------------------------------------------------------------
     def to(self, device) -> "PrefixTreeLayout":
         """The same layout with its tensors on ``device`` (self if already there)."""
@@ -365,6 +371,14 @@ def _token_rows(sequences) -> tuple[list[tuple[int, ...]], list[torch.Tensor]]:
         rows.append(tuple(values.tolist()))
         tensors.append(values)
     return rows, tensors
+
+
+def _sorted_common_prefixes(rows: list[tuple[int, ...]], values: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The sequences' lexicographic order, and in that order each one's common prefix length with its
+    predecessor (0 for the first). Sorted, sequences sharing a prefix are adjacent, and the longest
+    prefix a sequence shares with any earlier one is the one it shares with its predecessor."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    return order, _common_prefix_lengths([values[i] for i in order])
 
 
 def _common_prefix_lengths(rows: list[torch.Tensor]) -> list[int]:

@@ -253,6 +253,7 @@ def trie_size(sequences):
 def check_from_sequences(sequences):
     layout, token_index = PrefixTreeLayout.from_sequences(sequences)
     assert layout.total_tokens == trie_size([s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in sequences])
+    assert PrefixTreeLayout.packed_token_count(sequences) == layout.total_tokens  # counted without building it
     packed = [None] * layout.total_tokens
     ends = {s + n for s, n in zip(layout.segment_starts.tolist(), layout.lengths)}
     for seq, index in zip(sequences, token_index):

@@ -8,6 +8,7 @@ import json
 import os
 
 from pyfastrl.trainer.config import DISTRIBUTED
+from pyfastrl.trainer.prompts import check_prompt, completion_text
 
 DESCRIPTION = """\
 Train with GRPO through pyfastrl's ops (prefix-grouped policy forward, fused GRPO loss).
@@ -19,8 +20,12 @@ supervised warm-up first teaches the answer's format (a letter repeated, chosen 
 ~0.25); GRPO then learns to pick the prompt's letter. Writes metrics.jsonl, metrics.png and
 checkpoint-<step>/ under --output-dir.
 
+--task multi-turn trains the same model on multi-turn conversations instead (a conversation's turns
+as successive rows of one micro-batch, its earlier turns stored once in a prefix-tree batch).
+
 A real run: --model DIR (a local transformers causal-LM directory with its tokenizer), --dataset
-FILE.jsonl (one JSON object per line with a "prompt" string and the fields the rewards read) and
+FILE.jsonl (one JSON object per line with a "prompt", a string or a list of {"role", "content"}
+messages rendered by the tokenizer's chat template, and the fields the rewards read) and
 --reward (built-in name or module:function, repeatable). Every GRPOConfig option can be set in
 --config FILE (.toml, .yaml or .json); the flags below override it.
 
@@ -29,6 +34,7 @@ to it), on repeated-prompt batches: there is no prefix-grouped LLA op.
 """
 BUILTIN_REWARDS = ("letter", "exact_match", "contains")
 ATTENTIONS = ("softmax", "lla")
+BUILTIN_TASKS = ("letter", "multi-turn")
 
 
 def add_parser(commands) -> None:
@@ -49,8 +55,14 @@ def add_parser(commands) -> None:
     train.add_argument("--warm-up-steps", type=int, default=None, metavar="N",
                        help="built-in default only: supervised steps on the answer's format before GRPO "
                        "(default 80; 0 skips it: GRPO alone from the random model then ends near 0.1)")
+    train.add_argument("--task", choices=BUILTIN_TASKS, default=None,
+                       help="built-in default only: letter (the default: one prompt per row) or multi-turn "
+                       "(conversations of 4 turns, a turn per row, a conversation per micro-batch)")
     train.add_argument("--no-grouping", action="store_true",
                        help="run the policy on the repeated-prompt batch instead of the prefix-grouped one")
+    train.add_argument("--no-prefix-tree", action="store_true",
+                       help="keep one-level grouped batches where a prefix tree would store fewer tokens (prompts "
+                       "sharing earlier turns); the built-in letter task always does")
     train.add_argument("--compare-grouping", action="store_true",
                        help="train the grouped and the --no-grouping run side by side (interleaved step by step, "
                        "same model, data and seed) and print the token ratio and the measured time ratio; "
@@ -87,8 +99,9 @@ def load_jsonl(path: str) -> list:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"--dataset: {path} line {number} is not valid JSON: {error.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise ValueError(f"--dataset: {path} line {number} needs an object with a non-empty 'prompt' string")
+            if not isinstance(row, dict):
+                raise ValueError(f"--dataset: {path} line {number} needs a JSON object, got {type(row).__name__}")
+            check_prompt(row.get("prompt"), f"--dataset: {path} line {number}")
             rows.append(row)
     if not rows:
         raise ValueError(f"--dataset: {path} holds no rows")
@@ -96,11 +109,11 @@ def load_jsonl(path: str) -> list:
 
 
 def _exact_match(prompts, completions, answer, **_):
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def _contains(prompts, completions, answer, **_):
-    return [float(str(a) in c) for c, a in zip(completions, answer)]
+    return [float(str(a) in completion_text(c)) for c, a in zip(completions, answer)]
 
 
 def resolve_reward(spec: str):
@@ -199,15 +212,20 @@ def _train_on(args, device) -> int:
         raise ValueError("--compare-grouping compares prefix grouping, which --attention lla does not have")
     if args.no_grouping or args.attention == "lla":
         options["use_prefix_grouping"] = False
+    if args.no_prefix_tree:
+        options["use_prefix_tree"] = False
     builtin = args.model is None and args.dataset is None
     if args.warm_up_steps is not None and (not builtin or args.warm_up_steps < 0):
         raise ValueError("--warm-up-steps must be >= 0" if builtin else
                          "--warm-up-steps is for the built-in default (a --model is trained as it is)")
+    if args.task is not None and not builtin:
+        raise ValueError("--task chooses the built-in default's task (--model/--dataset bring their own)")
+    multi_turn = args.task == "multi-turn"
     if builtin:
-        config = default_task.default_config(**options)
+        config = (default_task.multi_turn_config if multi_turn else default_task.default_config)(**options)
         tokenizer = default_task.build_tokenizer()
         model = _switch_attention(default_task.build_model(tokenizer, seed=config.seed).to(device), args)
-        dataset = default_task.build_dataset(seed=config.seed)
+        dataset = (default_task.build_conversations if multi_turn else default_task.build_dataset)(seed=config.seed)
         steps = default_task.WARM_UP_STEPS if args.warm_up_steps is None else args.warm_up_steps
         if steps:
             # Every process warms up alike (deterministic), so the reference model is the warmed-up one everywhere.
@@ -227,7 +245,8 @@ def _train_on(args, device) -> int:
         dataset = load_jsonl(args.dataset)
     rewards = [resolve_reward(spec) for spec in (args.reward or ["letter"])]
     trainer = GRPOTrainer(model, rewards, dataset, config, tokenizer)
-    what = "built-in tiny Llama on the letter task" if builtin else f"{args.model} on {args.dataset}"
+    what = (f"built-in tiny Llama on the {'multi-turn ' if multi_turn else ''}letter task" if builtin
+            else f"{args.model} on {args.dataset}")
     what += " with local linear attention" if args.attention == "lla" else ""
     if trainer.rank == 0:
         print(f"training {what}: {config.max_steps} steps, {config.prompts_per_step * trainer.world_size} prompts x "
@@ -247,12 +266,17 @@ def _train_on(args, device) -> int:
 def _print_summary(summary: dict, config) -> None:
     saved = summary["tokens_repeated"] - summary["tokens_grouped"]
     ratio = summary["tokens_repeated"] / max(summary["tokens_grouped"], 1)
+    trees = config.use_prefix_grouping and config.use_prefix_tree
     print(f"\ndone: {summary['steps']} steps in {summary['seconds']:.1f} s")
     print(f"mean reward: first {summary['window']} steps {summary['first_reward']:.3f} -> last {summary['window']} "
           f"steps {summary['final_reward']:.3f}")
     print(f"tokens through the model: repeated-prompt batches would hold {summary['tokens_repeated']:,} tokens, "
-          f"grouped batches hold {summary['tokens_grouped']:,} ({saved:,} saved, {ratio:.2f}x fewer)"
-          + ("" if config.use_prefix_grouping else " [this run used the repeated batches]"))
+          f"grouped batches {'would ' if trees else ''}hold {summary['tokens_grouped']:,} ({saved:,} saved, "
+          f"{ratio:.2f}x fewer)" + ("" if config.use_prefix_grouping else
+                                   " [this run used the repeated batches]"))
+    if trees:
+        print(f"prefix trees (a micro-batch's shared prefixes stored once) hold {summary['tokens_tree']:,} tokens, "
+              f"{summary['tokens_grouped'] / max(summary['tokens_tree'], 1):.2f}x fewer than the grouped batches")
     print(f"metrics: {os.path.join(config.output_dir, 'metrics.jsonl')}")
     if summary.get("plot"):
         print(f"plot:    {summary['plot']}")

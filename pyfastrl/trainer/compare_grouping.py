@@ -73,11 +73,14 @@ def print_comparison(result: dict) -> None:
 
 def run_comparison(grouped, reward_funcs, dataset, tokenizer) -> int:
     """``--compare-grouping``: a --no-grouping twin of ``grouped`` (a copy of its untrained model),
-    both run interleaved, the comparison printed."""
+    both run interleaved (``grouped`` with its prefix trees off), the comparison printed."""
     from pyfastrl.trainer import GRPOTrainer
 
     if not grouped.config.use_prefix_grouping:
         raise ValueError("--compare-grouping runs both layouts: leave out --no-grouping")
+    # One-level grouping against repeated prompts, as the summary says: prefix trees (which only
+    # change how the grouped side stores a micro-batch) stay off.
+    grouped.config = dataclasses.replace(grouped.config, use_prefix_tree=False)
     config = dataclasses.replace(grouped.config, use_prefix_grouping=False)
     repeated = GRPOTrainer(copy.deepcopy(grouped.model), reward_funcs, dataset, config, tokenizer)
     result = compare_grouping(grouped, repeated, progress=grouped.config.progress and grouped.rank == 0)

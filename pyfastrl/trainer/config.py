@@ -15,8 +15,9 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DISTRIBUTED = ("ddp", "fsdp")
 # Options that may differ between a checkpoint and the run resuming from it (they do not change the
-# optimisation already done).
-RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress", "distributed")
+# optimisation already done; use_prefix_tree changes how a micro-batch is stored, not what it computes).
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "logging_steps", "save_steps", "plot", "progress", "distributed",
+                     "use_prefix_tree")
 # Names an options file may still use (the GRPO ops' former argument names) -> TRL's name, for the error.
 RENAMED_OPTIONS = {"eps_low": "epsilon", "eps_high": "epsilon_high", "scale": "scale_rewards",
                    "kl_estimator": "use_bias_correction_kl"}
@@ -62,11 +63,15 @@ class GRPOConfig:
     reward_weights: list[float] | None = None
     logging_steps: int = 10
     save_steps: int = 500  # and always the last step
+    shuffle_dataset: bool = True  # False: rollouts take the dataset's rows in order (see GRPOTrainer)
     # Ours:
     max_prompt_length: int | None = 512  # keep the prompt's last tokens (TRL 1.16 has no such option)
     # The prompt once per group (pyfastrl_prefix attention) vs repeated; an LLA model has no grouped op and
     # always runs (left-padded) repeated batches (pyfastrl.trainer.attention).
     use_prefix_grouping: bool = True
+    # With use_prefix_grouping: a micro-batch whose prompts share more than themselves (a conversation's
+    # earlier turns) is stored as a prefix tree when that holds fewer tokens (trainer/batches.py).
+    use_prefix_tree: bool = True
     backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
     dtype: str = "float32"  # model dtype
     distributed: str = "ddp"  # under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard)
@@ -104,8 +109,9 @@ class GRPOConfig:
         for name in ("save_steps", "warmup_steps"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 fail(name, "must be an integer >= 0")
-        if not isinstance(self.use_bias_correction_kl, bool):
-            fail("use_bias_correction_kl", "must be True or False")
+        for name in ("use_bias_correction_kl", "shuffle_dataset", "use_prefix_grouping", "use_prefix_tree"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be True or False")
         for name in ("learning_rate", "temperature", "adam_epsilon", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -126,8 +132,11 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
     def differences(self, other: dict) -> list[str]:
-        """Options (beyond RESUMABLE_CHANGES) whose value differs from ``other`` (a saved config)."""
+        """Options (beyond RESUMABLE_CHANGES) whose value differs from ``other`` (a saved config). An
+        option the saved config lacks (written before the option existed) counts as its default."""
         mine = self.to_dict()
+        defaults = GRPOConfig().to_dict()
+        other = {**{n: v for n, v in defaults.items() if n not in other}, **other}
         names = sorted(set(mine) | set(other))
         return [f"{n}: checkpoint {other.get(n)!r}, now {mine.get(n)!r}" for n in names
                 if n not in RESUMABLE_CHANGES and mine.get(n) != other.get(n)]

@@ -5,9 +5,10 @@ One optimizer step:
    completions per prompt (cut after the first EOS); the reward functions score them; advantages are
    normalised per group (``grpo_advantages``); old log-probs (when the rollout is reused) and
    reference log-probs (when ``beta > 0``) are taken with ``selective_logprobs``.
-2. ``gradient_accumulation_steps`` micro-batches of whole groups: the policy runs on the
-   prefix-grouped batch (each prompt once, ``"pyfastrl_prefix"`` attention; a model with local
-   linear attention keeps it, on repeated-prompt batches: ``attention.py``) and
+2. ``gradient_accumulation_steps`` micro-batches of whole groups, in rollout order: the policy runs
+   on the prefix-grouped batch (each prompt once, ``"pyfastrl_prefix"`` attention; a prefix tree when
+   the micro-batch's prompts share earlier turns, see ``batches``; a model with local linear
+   attention keeps it, on repeated-prompt batches: ``attention.py``) and
    ``fused_linear_grpo_loss`` takes its final hidden states and the LM head, so no logits are
    materialised; the loss is normalised by the step's total completion tokens (all processes), so
    the accumulated gradient is the full batch's.
@@ -38,8 +39,10 @@ import torch
 from pyfastrl import grpo_advantages, selective_logprobs
 from pyfastrl.integrations import transformers as pft
 from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
+from pyfastrl.trainer import batches
 from pyfastrl.trainer.attention import batch_layout, policy_attention
 from pyfastrl.trainer.config import GRPOConfig
+from pyfastrl.trainer.prompts import check_prompt, encode_prompt, reward_completions
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -145,7 +148,9 @@ class GRPOTrainer:
         reward_funcs: a callable or a list of them, ``f(prompts, completions, **columns) ->
             list[float]`` with one number per completion; ``columns`` are the dataset's other fields,
             repeated per completion (TRL's convention). Summed with ``config.reward_weights``.
-        train_dataset: a list of dict rows, each with a ``"prompt"`` string.
+        train_dataset: a list of dict rows, each with a ``"prompt"``: a string or a conversation
+            (TRL's list of ``{"role", "content"}`` messages, see ``prompts``). Micro-batches take the
+            rollout's rows in order; which rows share one: ``batches``.
         config: ``GRPOConfig``.
         tokenizer: the model's tokenizer (needs ``eos_token_id``; ``pad_token_id`` defaults to it).
         ref_model: the reference policy for ``beta > 0`` (default: a frozen copy of ``model``), with
@@ -208,8 +213,9 @@ class GRPOTrainer:
         if not isinstance(dataset, (list, tuple)) or not dataset:
             raise ValueError("train_dataset must be a non-empty list of dict rows")
         for i, row in enumerate(dataset):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise ValueError(f"train_dataset[{i}] must be a dict with a non-empty 'prompt' string")
+            if not isinstance(row, dict):
+                raise ValueError(f"train_dataset[{i}] must be a dict, got {type(row).__name__}")
+            check_prompt(row.get("prompt"), f"train_dataset[{i}]")
         needed = self.config.prompts_per_step * self.world_size
         if len(dataset) < needed:
             raise ValueError(f"train_dataset has {len(dataset)} rows but one step needs {needed} prompts")
@@ -229,18 +235,20 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------ rollout
 
     def _rows_for_rollout(self, index: int) -> list:
-        """This process's prompts for rollout ``index``: a seeded permutation per pass over the data."""
+        """This process's prompts for rollout ``index``: a seeded permutation per pass over the data
+        (the rows in order without ``shuffle_dataset``)."""
         per_rollout = self.config.prompts_per_step * self.world_size
         per_epoch = len(self.dataset) // per_rollout
         epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        order = (torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+                 if self.config.shuffle_dataset else torch.arange(len(self.dataset)))
         start = position * per_rollout + self.rank * self.config.prompts_per_step
         return [self.dataset[i] for i in order[start:start + self.config.prompts_per_step].tolist()]
 
-    def _encode_prompt(self, text: str, index: int) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _encode_prompt(self, prompt, index: int) -> torch.Tensor:
+        ids = encode_prompt(self.tokenizer, prompt)
         if not ids:
-            raise ValueError(f"prompt {index} encodes to no tokens: {text!r}")
+            raise ValueError(f"prompt {index} encodes to no tokens: {prompt!r}")
         if self.config.max_prompt_length is not None:
             ids = ids[-self.config.max_prompt_length:]  # keep the end, where the question is
         return torch.tensor(ids, dtype=torch.long)
@@ -278,13 +286,14 @@ class GRPOTrainer:
         """``(N, F)`` rewards of every function, checked (raises naming the function)."""
         g = self.config.num_generations
         prompts = [row["prompt"] for row in rows for _ in range(g)]
+        given = reward_completions(prompts, completions)  # TRL's form: messages for conversational prompts
         columns = {key: [row.get(key) for row in rows for _ in range(g)]
                    for key in sorted({k for row in rows for k in row}) if key != "prompt"}
         scores = []
         for f in self.reward_funcs:
             name = getattr(f, "__name__", repr(f))
             try:
-                values = f(prompts, completions, **columns)
+                values = f(prompts, given, **columns)
             except Exception as error:
                 raise RuntimeError(f"reward function {name} raised {type(error).__name__}: {error}") from error
             if values is None or len(values) != len(completions):
@@ -309,10 +318,10 @@ class GRPOTrainer:
                                                    (start + per) * self.config.num_generations)
 
     def _build_batch(self, prompt_ids, completion_ids):
-        if self.grouped:
-            return pft.build_grouped_batch(prompt_ids, completion_ids, device=self.device)
-        return pft.build_repeated_batch(prompt_ids, completion_ids, padding_side=self.padding_side,
-                                        pad_token_id=self.pad_token_id, device=self.device)
+        return batches.build_micro_batch(prompt_ids, completion_ids, grouped=self.grouped,
+                                         use_prefix_tree=self.config.use_prefix_tree,
+                                         padding_side=self.padding_side, pad_token_id=self.pad_token_id,
+                                         device=self.device)
 
     def _logprobs(self, policies: list, rollout: Rollout) -> list:
         """Per policy, its packed completion-token log-probs of each micro-batch (each batch built once)."""
@@ -375,8 +384,7 @@ class GRPOTrainer:
             tokens = float(batch.completion_lens.sum())
             sums += torch.tensor([loss.item() * scale, float(metrics["kl"]) * tokens,
                                   float(metrics["clip_ratio/region_mean"]) * tokens, float(metrics["entropy"]) * tokens,
-                                  tokens, float(batch.input_ids.numel() if self.grouped
-                                                else batch.attention_mask.sum())], dtype=torch.float64)
+                                  tokens, batches.stored_tokens(batch)], dtype=torch.float64)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
@@ -400,14 +408,16 @@ class GRPOTrainer:
         local = torch.tensor([rollout.rewards.sum().item(), (rollout.rewards ** 2).sum().item(), len(completion_lens),
                               sum(completion_lens), sum(p * g for p in prompt_lens) + sum(completion_lens),
                               sum(prompt_lens) + sum(completion_lens),
+                              sum(batches.tree_tokens(rollout.prompt_ids[p], rollout.completion_ids[p])
+                                  for p, _ in self._micro_batches(rollout)),
                               *rollout.rewards_per_function.sum(0).tolist()], dtype=torch.float64)
         total = _all_reduce_sum(local)
         n = total[2].item()
         mean = total[0].item() / n
         metrics = {"reward": mean, "reward_std": math.sqrt(max(total[1].item() / n - mean**2, 0.0)),
                    "completion_length": total[3].item() / n, "tokens_repeated": int(total[4]),
-                   "tokens_grouped": int(total[5])}
-        for f, value in zip(self.reward_funcs, total[6:].tolist()):
+                   "tokens_grouped": int(total[5]), "tokens_tree": int(total[6])}
+        for f, value in zip(self.reward_funcs, total[7:].tolist()):
             metrics[f"rewards/{getattr(f, '__name__', 'reward')}"] = value / n
         return metrics
 
@@ -450,16 +460,15 @@ class GRPOTrainer:
         return summary
 
     def summary(self) -> dict:
-        """First and final mean rewards (mean of the first / last 5 steps) and grouping's token savings."""
+        """First and final mean rewards (mean of the first / last 5 steps) and the tokens each layout holds."""
         if not self.history:
             return {}
         window = max(1, min(5, len(self.history) // 4))
         first = sum(r["reward"] for r in self.history[:window]) / window
         final = sum(r["reward"] for r in self.history[-window:]) / window
-        repeated = sum(r["tokens_repeated"] for r in self.history)
-        grouped = sum(r["tokens_grouped"] for r in self.history)
-        return {"steps": self.step, "first_reward": first, "final_reward": final, "window": window,
-                "tokens_repeated": repeated, "tokens_grouped": grouped,
+        tokens = {key: sum(r.get(key, 0) for r in self.history)  # tokens_tree: 0 in records of older runs
+                  for key in ("tokens_repeated", "tokens_grouped", "tokens_tree")}
+        return {"steps": self.step, "first_reward": first, "final_reward": final, "window": window, **tokens,
                 "seconds": sum(r["step_time"] for r in self.history)}
 
     # ------------------------------------------------------------------------------------ checkpoints
