@@ -466,18 +466,77 @@ def test_compiled_triton_matches_the_torch_backend_on_gpu(head_dim, dtype):
     assert_close(got, want, TOLERANCE[dtype])
 
 
-# ----------------------------------------------------------------------------- fp32 numerics (torch backend)
+# ----------------------------------------------------------------------------- fp32 numerics
 
 
-@pytest.mark.parametrize("tokens, head_dim, ridge_lambda", [(4, 4, 1e-5), (64, 64, 1e-3), (16, 16, 1e-7)])
-def test_torch_backend_is_exact_in_fp32_on_ill_conditioned_keys(tokens, head_dim, ridge_lambda):
+def offset_keys(k, offset):
+    """Keys plus ``offset`` times one fixed unit direction: a large common component, which the
+    softmax ignores (a per-row constant) but raw second moments of the keys do not."""
+    direction = torch.randn(k.shape[-1], generator=torch.Generator().manual_seed(1)).to(k.device)
+    return (k.detach().double() + offset * direction / direction.norm()).to(k.dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("offset, ridge_lambda", [(100.0, 1e-2), (10.0, 1e-3)])
+def test_triton_fp32_is_accurate_on_keys_with_a_large_common_offset(offset, ridge_lambda):
+    """The kernels centre the keys at their mean: before they did, the raw moments cancelled and the
+    fp32 error grew like |eta| |k| eps: the former kernels failed both cases (out 1.7 relative at
+    offset 100, 5.0e-3 at offset 10 and lambda 1e-3; about 1e-4 now)."""
+    q, k, v = make_inputs(1, 32, 2, 1, 16, torch.float32)
+    k = offset_keys(k, offset)
+    ridge = torch.full((2,), ridge_lambda, device=DEVICE)
+    grad_out = torch.randn_like(q)
+    got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-7)
+    assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 16**-0.5), 1e-3)
+
+
+@pytest.mark.parametrize("target, dtype", [("sm80", torch.float16), ("sm90", torch.bfloat16)])
+def test_triton_half_precision_gpu_tiles_are_accurate_on_offset_keys(target, dtype):
+    """16-bit keys stay exact for the tensor cores; the products subtract the centre with their fp32
+    operand's own hi + lo split. The former kernels: out 2.3e3 relative in bf16, 0.49 in fp16."""
+    with gpu_tiles(target):
+        q, k, v = make_inputs(1, 32, 2, 1, 16, dtype)
+        k = offset_keys(k, 100.0)
+        ridge = torch.full((2,), 1e-2, device=DEVICE)
+        grad_out = torch.randn_like(q)
+        got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-7)
+    assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 16**-0.5), TOLERANCE[dtype])
+
+
+def test_triton_solve_beyond_fp32_is_an_error_naming_the_head_and_the_remedy():
+    """Keys x10, T = D, lambda = 1e-5: cond ~ 1e7 and C singular for every prefix shorter than D; fp32
+    CG diverges (residual ~1e5). With validate=True that is an error, not a warning nor NaNs."""
+    q, k, v = (t.detach() for t in make_inputs(1, 16, 2, 1, 16, TRITON_DTYPE, key_scale=10.0))
+    ridge = torch.tensor([1.0, 1e-5], device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"local_linear_attention: the forward ridge solve failed for query "
+                                           r"head\(s\) \[1\].*backend='torch' \(it solves in float64\) or a larger "
+                                           r"ridge_lambda"):
+        local_linear_attention(q, k, v, ridge_lambda=ridge, backend="triton", validate=True)
+
+
+def test_triton_nan_solve_is_reported_not_silent():
+    """A NaN residual (here from a NaN query, which only validate=True refuses) is a failed solve in
+    the deferred report, with its head."""
+    q, k, v = (t.detach() for t in make_inputs(1, 16, 2, 1, 16, TRITON_DTYPE))
+    q_nan = q.clone()
+    q_nan[0, 3, 1, 0] = float("nan")
+    local_linear_attention(q_nan, k, v, ridge_lambda=1.0, backend="triton")
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    with pytest.warns(RuntimeWarning, match=r"forward ridge solve failed for query head\(s\) \[1\]"):
+        local_linear_attention(q, k, v, ridge_lambda=1.0, backend="torch")
+
+
+@pytest.mark.parametrize("tokens, head_dim, ridge_lambda, offset",
+                         [(4, 4, 1e-5, 0.0), (64, 64, 1e-3, 0.0), (16, 16, 1e-7, 0.0), (16, 16, 1e-3, 100.0)])
+def test_torch_backend_is_exact_in_fp32_on_ill_conditioned_keys(tokens, head_dim, ridge_lambda, offset):
     """Keys x10 with a small lambda: cond(C + lambda I) ~ 1e7, where an fp32 solve from raw moments
-    failed in Cholesky (or lost every digit). The backend computes in float64; fp32 outputs and
-    gradients match the float64 reference of the same (fp32-representable) inputs."""
+    failed in Cholesky (or lost every digit); and keys with a large common offset. The backend
+    computes in float64; fp32 outputs and gradients match the float64 reference of the same
+    (fp32-representable) inputs."""
     generator = torch.Generator().manual_seed(tokens)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, generator=generator).to(DEVICE) * scale
                for heads, scale in ((2, 1.0), (1, 10.0), (1, 1.0)))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, offset_keys(k, offset), v))
     ridge = torch.full((2,), ridge_lambda, device=DEVICE)
     grad_out = torch.randn(q.shape, generator=generator).to(DEVICE)
     got = op_and_grads(q, k, v, ridge, grad_out, backend="torch")

@@ -2,7 +2,8 @@
 
 Nothing of size T x T, and no D x D matrix per query, is ever stored. Every solve with
 ``B_i = C_i + lambda I`` is a Jacobi-preconditioned conjugate gradient whose matrix-vector product is
-a sweep over the causal key tiles: ``B d = sum_j p_j (k_j.d) k_j - (kbar.d) kbar + lambda d``. A
+a sweep over the causal key tiles: ``B d = sum_j p_j (x_j.d) x_j - (xbar.d) xbar + lambda d`` with
+``x_j = k_j - c`` the keys centred at their mean c (``key_centres``; why in ``triton_kernels.py``). A
 query block iterates until every row's residual is below ``tolerance * |rhs|`` (or the cap), so easy
 blocks stop early.
 
@@ -106,6 +107,17 @@ def _solver_scratch(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((4, *q.shape), dtype=torch.float32, device=q.device)
 
 
+def key_centres(k: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, D)`` fp32: each (sequence, kv head)'s mean key, the point the kernels centre keys at.
+
+    One per sequence and kv head, not per tile: the key-side backward combines every query row with
+    every key tile, and a row's saved offsets (a0, b0) hold for one centre only. The mean rather than
+    the first key: a first token's key is often an outlier (attention sinks), and the mean is within
+    the keys' spread of every key. Any centre gives the same result in exact arithmetic, so the
+    forward and the backward need not share it (each computes its own: one small reduction)."""
+    return k.mean(dim=1, dtype=torch.float32)
+
+
 def query_blocks(num_tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
     """Query blocks per (batch, head) of the forward and query-side backward launches."""
     return triton.cdiv(num_tokens, tiles("_forward_kernel", head_dim, dtype, tile_target(device)).block)
@@ -126,7 +138,8 @@ def forward(q, k, v, ridge, scale: float, tolerance: float, max_iterations: int)
     residual = torch.empty_like(lse)
     iterations = torch.empty((batch, num_heads, blocks), dtype=torch.int32, device=q.device)
     tk._forward_kernel[(blocks, batch * num_heads)](
-        q, k, v, ridge, out, eta, lse, residual, iterations, _solver_scratch(q), *_strides(q, k, v, out),
+        q, k, v, key_centres(k), ridge, out, eta, lse, residual, iterations, _solver_scratch(q),
+        *_strides(q, k, v, out),
         num_tokens, num_heads, scale * LOG2E.value, tolerance**2, max_iterations, q.numel(), **launch,
     )
     return out, eta, lse, residual, iterations
@@ -146,9 +159,10 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float, tolerance: float,
     residual = torch.empty_like(lse)
     iterations = torch.empty((batch, num_heads, blocks), dtype=torch.int32, device=q.device)
     strides = _strides(q, k, v, grad_out)
+    centres = key_centres(k)
     tk._backward_query_kernel[(blocks, batch * num_heads)](
-        q, k, v, ridge, grad_out, eta, lse, dq, xi, rows, dridge_rows, residual, iterations, _solver_scratch(q),
-        *strides,
+        q, k, v, centres, ridge, grad_out, eta, lse, dq, xi, rows, dridge_rows, residual, iterations,
+        _solver_scratch(q), *strides,
         num_tokens, num_heads, scale, scale * LOG2E.value, tolerance**2, max_iterations, q.numel(),
         **launch,
     )
@@ -156,7 +170,7 @@ def backward(grad_out, q, k, v, ridge, eta, lse, scale: float, tolerance: float,
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     launch = _launch("_backward_key_kernel", q, k)
     tk._backward_key_kernel[(triton.cdiv(num_tokens, launch["BLOCK_N"]), batch * k.shape[2])](
-        q, k, v, grad_out, eta, xi, lse, rows, dk, dv, *strides, *dk.stride()[:3],
+        q, k, v, centres, grad_out, eta, xi, lse, rows, dk, dv, *strides, *dk.stride()[:3],
         num_tokens, k.shape[2], scale, scale * LOG2E.value, **launch,
     )
     return dq, dk, dv, dridge_rows.sum((0, 2)), residual, iterations

@@ -8,6 +8,15 @@ its range being narrow), and the two fp32 x fp32 products of dK take three 16-bi
 Jacobi diagonal (a preconditioner) uses rounded k^2. fp32 inputs take 3xTF32 products; the op
 routes them to the torch backend on a GPU, where those spill registers.
 
+Centred keys: every regression sum (kbar, the covariance products, the projections eta.k, xi.k)
+is over ``k - c``, c the mean key of the (sequence, kv head) (``kernel.key_centres``): raw moments of
+keys with a large common component cancel, and what fp32 (or the 16-bit hi + lo split of an fp32
+operand) loses there scales with |k|, not with the keys' spread. The scores keep the raw keys (the
+softmax is shift-invariant only per row, and the saved lse is of the raw scores). fp32 keys are
+centred in the tile (``_centred_tile``); 16-bit keys stay exact in their dtype for the tensor cores
+and each product instead subtracts the centre's product *with the same split* of its fp32 operand
+(``_split_dot_centred``, ``_split_centre``), so the split's rounding multiplies ``k - c`` only.
+
 Registers: CG keeps only the key sweep's operands in registers; each block's x, r, d, kbar and
 diagonal live in its own rows of fp32 scratch between sweeps (see ``_solve``).
 """
@@ -93,6 +102,60 @@ def _fp32_dot_split(x, b_hi, b_lo, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _load_centre(CENTRE, batch_kv, offs_d, DT: tl.constexpr):
+    """The (sequence, kv head)'s key centre c (fp32), and the part of it the products subtract by
+    rows: none for fp32 keys (centred in the tile), all of it for 16-bit keys (kept exact)."""
+    centre = tl.load(CENTRE + batch_kv * offs_d.shape[0] + offs_d)
+    if DT == tl.float32:
+        return centre, centre * 0.0
+    return centre, centre
+
+
+@triton.jit
+def _centred_tile(k, centre):
+    """The key tile the regression products take: ``k - c`` for fp32 keys, 16-bit keys as they are."""
+    if k.dtype == tl.float32:
+        return k - centre[None, :]
+    return k
+
+
+@triton.jit
+def _split_sum(x_hi, x_lo):
+    """Row sums of a ``_split`` tile (fp32: hi alone is the tile)."""
+    if x_hi.dtype == tl.float32:
+        return tl.sum(x_hi, 1)
+    return tl.sum(x_hi.to(tl.float32) + x_lo.to(tl.float32), 1)
+
+
+@triton.jit
+def _split_centre(x_hi, x_lo, x_scale, row_centre):
+    """``x . c`` per row for a split row-scaled block x, with the split's own rounding: subtracted from
+    ``_project``'s ``x . k`` it leaves ``x . (k - c)`` up to fp32 accumulation."""
+    if x_hi.dtype == tl.float32:
+        return tl.sum(x_hi * row_centre[None, :], 1) * x_scale
+    return tl.sum((x_hi.to(tl.float32) + x_lo.to(tl.float32)) * row_centre[None, :], 1) * x_scale
+
+
+@triton.jit
+def _split_dot_centred(w_hi, w_lo, k, row_centre, acc, INTERPRETED: tl.constexpr):
+    """``acc + (w_hi + w_lo) @ (k - c)`` for a ``_split`` weight tile (rows x keys), c subtracted by
+    rows with the split's own row sums."""
+    return _split_dot(w_hi, w_lo, k, acc - _split_sum(w_hi, w_lo)[:, None] * row_centre[None, :], INTERPRETED)
+
+
+@triton.jit
+def _centred_dot(w, k, row_centre, acc, INTERPRETED: tl.constexpr):
+    """``acc + w @ (k - c)`` for an fp32 weight tile w (rows x keys) and a ``_centred_tile``."""
+    if k.dtype == tl.float16:
+        w, s = _row_scale(w, tl.float16)
+        w_hi, w_lo = _split(w, tl.float16)
+        zero = tl.zeros(acc.shape, tl.float32)
+        return acc + s[:, None] * _split_dot_centred(w_hi, w_lo, k, row_centre, zero, INTERPRETED)
+    w_hi, w_lo = _split(w, k.dtype)
+    return _split_dot_centred(w_hi, w_lo, k, row_centre, acc, INTERPRETED)
+
+
+@triton.jit
 def _rows(base, offs_m, stride_t, offs_d, m_valid):
     """Load rows offs_m of a (T, D) slice as fp32 (zeros beyond T)."""
     return tl.load(base + offs_m[:, None] * stride_t + offs_d[None, :], mask=m_valid[:, None], other=0.0).to(tl.float32)
@@ -130,11 +193,11 @@ def _probs(q, k, offs_m, offs_n, lse2, scale_log2, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _squares(k):
-    """k^2 in k's dtype, for the Jacobi diagonal only (a preconditioner need not be exact; capped
-    below fp16's overflow)."""
-    k32 = k.to(tl.float32)
-    return tl.minimum(k32 * k32, 6.0e4).to(k.dtype)
+def _squares(k, row_centre):
+    """(k - c)^2 in k's dtype for a ``_centred_tile``, for the Jacobi diagonal only (a preconditioner
+    need not be exact; capped below fp16's overflow)."""
+    x = k.to(tl.float32) - row_centre[None, :]
+    return tl.minimum(x * x, 6.0e4).to(k.dtype)
 
 
 @triton.jit
@@ -145,19 +208,22 @@ def _project(x_hi, x_lo, x_scale, k, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _covariance_sweep(d, q, lse2, k_base, stride_kt, offs_m, offs_d, hi, scale_log2,
+def _covariance_sweep(d, q, lse2, k_base, stride_kt, offs_m, offs_d, hi, scale_log2, centre, row_centre,
                       BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
-    """``sum_j p_ij (k_j.d_i) k_j`` for every row i of the block: one sweep over the causal keys
-    0..hi-1 with d split once (row-scaled for fp16)."""
+    """``sum_j p_ij ((k_j - c).d_i) (k_j - c)`` for every row i of the block: one sweep over the
+    causal keys 0..hi-1 with d split once (row-scaled for fp16)."""
     d_scaled, d_scale = _row_scale(d, q.dtype)
     d_hi, d_lo = _split(d_scaled, q.dtype)
+    unit = tl.full([d.shape[0]], 1.0, tl.float32)
+    d_centre = _split_centre(d_hi, d_lo, unit, row_centre)
     acc = tl.zeros(d.shape, tl.float32)
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, INTERPRETED)
-        projection = _project(d_hi, d_lo, tl.full([d.shape[0]], 1.0, tl.float32), k, INTERPRETED)
-        acc = _fp32_dot(p * projection, k, acc, INTERPRETED)
+        k = _centred_tile(k, centre)
+        projection = _project(d_hi, d_lo, unit, k, INTERPRETED) - d_centre[:, None]
+        acc = _centred_dot(p * projection, k, row_centre, acc, INTERPRETED)
     return acc * d_scale[:, None]
 
 
@@ -178,11 +244,11 @@ def _store_rows(base, row0, stride_t, num_tokens, value):
 
 @triton.jit
 def _solve(rhs, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m, offs_d, hi, scale_log2,
-           tol2, max_iterations, X, SCRATCH, scratch_plane, num_tokens, stride_t, row0,
+           centre, row_centre, tol2, max_iterations, X, SCRATCH, scratch_plane, num_tokens, stride_t, row0,
            BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Jacobi-preconditioned CG for ``B_i x_i = rhs_i`` (``B d = sum_j p_j (k_j.d) k_j - (kbar.d) kbar
-    + lambda d``), all rows of the block together; a row stops (its step sizes become 0) once
-    ``|r|^2 <= tol2 |rhs|^2``, the block once every row has.
+    """Jacobi-preconditioned CG for ``B_i x_i = rhs_i`` (``B d = sum_j p_j (x_j.d) x_j - (xbar.d) xbar
+    + lambda d`` with ``x = k - c``, ``kbar`` the centred mean xbar), all rows of the block together; a
+    row stops (its step sizes become 0) once ``|r|^2 <= tol2 |rhs|^2``, the block once every row has.
 
     Registers hold only the key sweep's operands: the solution x is updated in place in the (T, D)
     slice ``X``, and kbar, the diagonal, the residual r and the direction d live in four scratch
@@ -209,7 +275,7 @@ def _solve(rhs, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m, 
     tl.debug_barrier()  # the rows are read back in other threads' layouts
     while (iterations < max_iterations) & (tl.sum(active.to(tl.int32), 0) > 0):
         bd = _covariance_sweep(_load_rows(D, row0, stride_t, num_tokens, BLOCK_M, HEAD_DIM), q, lse2, k_base,
-                               stride_kt, offs_m, offs_d, hi, scale_log2, BLOCK_N, INTERPRETED)
+                               stride_kt, offs_m, offs_d, hi, scale_log2, centre, row_centre, BLOCK_N, INTERPRETED)
         tl.debug_barrier()  # keeps the reloads below from being merged with the load before the sweep
         d = _load_rows(D, row0, stride_t, num_tokens, BLOCK_M, HEAD_DIM)
         kbar = _load_rows(KBAR, row0, stride_t, num_tokens, BLOCK_M, HEAD_DIM)
@@ -237,13 +303,14 @@ def _solve(rhs, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m, 
         # (rows x D) address tensors above out of the loop, where they would occupy registers.
         row0 = tl.minimum(row0, num_tokens)
         tl.debug_barrier()
-    relative = tl.where(rhs2 > 0.0, tl.sqrt(res2 / tl.where(rhs2 > 0.0, rhs2, 1.0)), 0.0)
+    # A zero rhs has res2 = 0; a NaN row stays NaN here (reported as a failed solve, never as 0).
+    relative = tl.sqrt(res2 / tl.where(rhs2 > 0.0, rhs2, 1.0))
     return relative, iterations
 
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, RIDGE, O, ETA, LSE, RESIDUAL, ITERATIONS, SCRATCH,
+    Q, K, V, CENTRE, RIDGE, O, ETA, LSE, RESIDUAL, ITERATIONS, SCRATCH,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     num_tokens, num_heads, scale_log2, tol2, max_iterations, scratch_plane,
@@ -255,8 +322,10 @@ def _forward_kernel(
     k_base = K + b * stride_kb + (head // REP) * stride_kh
     v_base = V + b * stride_vb + (head // REP) * stride_vh
     ridge = tl.load(RIDGE + head)
+    centre, row_centre = _load_centre(CENTRE, b * (num_heads // REP) + head // REP, offs_d, q.dtype)
 
-    # Statistics. Rows past T still see keys 0..hi-1, so their sums stay positive (never NaN).
+    # Statistics (kbar centred: sum_j p_j (k_j - c)). Rows past T still see keys 0..hi-1, so their
+    # sums stay positive (never NaN).
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     sum_k = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -271,8 +340,9 @@ def _forward_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p_hi, p_lo = _split(p, k.dtype)  # p <= 1: no row scale needed
-        sum_k = _split_dot(p_hi, p_lo, k, sum_k * alpha[:, None], INTERPRETED)
-        sum_k2 = _mma(p_hi, _squares(k), sum_k2 * alpha[:, None], INTERPRETED)
+        k = _centred_tile(k, centre)
+        sum_k = _split_dot_centred(p_hi, p_lo, k, row_centre, sum_k * alpha[:, None], INTERPRETED)
+        sum_k2 = _mma(p_hi, _squares(k, row_centre), sum_k2 * alpha[:, None], INTERPRETED)
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)
     kbar = sum_k / l_i[:, None]
@@ -281,23 +351,25 @@ def _forward_kernel(
 
     row_offset = b * stride_ob + head * stride_oh
     relative, iterations = _solve(
-        q.to(tl.float32) - kbar, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m, offs_d, hi,
-        scale_log2, tol2, max_iterations, ETA + row_offset, SCRATCH + row_offset, scratch_plane, num_tokens,
-        stride_ot, block * BLOCK_M, BLOCK_N, INTERPRETED)
+        q.to(tl.float32) - centre[None, :] - kbar, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m,
+        offs_d, hi, scale_log2, centre, row_centre, tol2, max_iterations, ETA + row_offset, SCRATCH + row_offset,
+        scratch_plane, num_tokens, stride_ot, block * BLOCK_M, BLOCK_N, INTERPRETED)
     row_ptrs = row_offset + offs_m[:, None] * stride_ot + offs_d[None, :]
 
-    # Output: o_i = sum_j p_ij (1 + eta_i.(k_j - kbar_i)) v_j.
+    # Output: o_i = sum_j p_ij (1 + eta_i.(k_j - c) - eta_i.(kbar_i - c)) v_j.
     eta = tl.load(ETA + row_ptrs, mask=m_valid[:, None], other=0.0)
     eta_kbar = tl.sum(eta * tl.load(SCRATCH + row_ptrs, mask=m_valid[:, None], other=0.0), 1)
     eta_scaled, eta_scale = _row_scale(eta, q.dtype)
     eta_hi, eta_lo = _split(eta_scaled, q.dtype)
+    eta_kbar += _split_centre(eta_hi, eta_lo, eta_scale, row_centre)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
         v = _key_tile(v_base, stride_vt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, INTERPRETED)
-        weights = p * (1.0 + _project(eta_hi, eta_lo, eta_scale, k, INTERPRETED) - eta_kbar[:, None])
+        projection = _project(eta_hi, eta_lo, eta_scale, _centred_tile(k, centre), INTERPRETED)
+        weights = p * (1.0 + projection - eta_kbar[:, None])
         acc = _fp32_dot(weights, v, acc, INTERPRETED)
 
     tl.store(O + row_ptrs, acc.to(O.dtype.element_ty), mask=m_valid[:, None])
@@ -308,7 +380,7 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, RIDGE, DO, ETA, LSE, DQ, XI, ROWS, DRIDGE_ROWS, RESIDUAL, ITERATIONS, SCRATCH,
+    Q, K, V, CENTRE, RIDGE, DO, ETA, LSE, DQ, XI, ROWS, DRIDGE_ROWS, RESIDUAL, ITERATIONS, SCRATCH,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     num_tokens, num_heads, scale, scale_log2, tol2, max_iterations, scratch_plane,
@@ -325,8 +397,10 @@ def _backward_query_kernel(
     k_base = K + b * stride_kb + (head // REP) * stride_kh
     v_base = V + b * stride_vb + (head // REP) * stride_vh
     ridge = tl.load(RIDGE + head)
+    centre, row_centre = _load_centre(CENTRE, b * (num_heads // REP) + head // REP, offs_d, q.dtype)
 
-    # Statistics: kbar, the Jacobi diagonal, rbar = g.vbar and sum_j p_j r_j k_j (r_j = g.v_j).
+    # Statistics: kbar, the Jacobi diagonal, rbar = g.vbar and sum_j p_j r_j k_j (r_j = g.v_j), all
+    # of keys centred at c.
     kbar = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     sum_k2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     sum_rk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -339,40 +413,44 @@ def _backward_query_kernel(
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, INTERPRETED)
         pr = p * _mma(g, tl.trans(v), zero, INTERPRETED)
         p_hi, p_lo = _split(p, k.dtype)
-        kbar = _split_dot(p_hi, p_lo, k, kbar, INTERPRETED)
-        sum_k2 = _mma(p_hi, _squares(k), sum_k2, INTERPRETED)
-        sum_rk = _fp32_dot(pr, k, sum_rk, INTERPRETED)
+        k = _centred_tile(k, centre)
+        kbar = _split_dot_centred(p_hi, p_lo, k, row_centre, kbar, INTERPRETED)
+        sum_k2 = _mma(p_hi, _squares(k, row_centre), sum_k2, INTERPRETED)
+        sum_rk = _centred_dot(pr, k, row_centre, sum_rk, INTERPRETED)
         rbar += tl.sum(pr, 1)
     diag = tl.maximum(sum_k2 - kbar * kbar + ridge, ridge)
 
     relative, iterations = _solve(
         sum_rk - rbar[:, None] * kbar, kbar, diag, m_valid, q, ridge, lse2, k_base, stride_kt, offs_m, offs_d,
-        hi, scale_log2, tol2, max_iterations, XI + row_offset, SCRATCH + row_offset, scratch_plane,
-        num_tokens, stride_ot, block * BLOCK_M, BLOCK_N, INTERPRETED)
+        hi, scale_log2, centre, row_centre, tol2, max_iterations, XI + row_offset, SCRATCH + row_offset,
+        scratch_plane, num_tokens, stride_ot, block * BLOCK_M, BLOCK_N, INTERPRETED)
     xi = _rows(XI + row_offset, offs_m, stride_ot, offs_d, m_valid)
     kbar = _rows(SCRATCH + row_offset, offs_m, stride_ot, offs_d, m_valid)
 
     # dQ pass: ds_ij = p_ij (a_ij b_ij - cbar_i), a = 1 + eta.(k_j - kbar), b = r_j - rbar - xi.(k_j - kbar).
-    # a_ij = eta_i.k_j + a0_i and b_ij = r_j - xi_i.k_j - b0_i: two per-row offsets (fewer live rows).
+    # a_ij = eta_i.k_j + a0_i and b_ij = r_j - xi_i.k_j - b0_i (k_j the centred tile, the rows' part of
+    # c folded into a0 and b0 with the key kernel's own splits of eta and xi): two per-row offsets.
     eta = _rows(ETA + row_offset, offs_m, stride_ot, offs_d, m_valid)
-    a0 = 1.0 - tl.sum(eta * kbar, 1)
-    b0 = rbar - tl.sum(xi * kbar, 1)
     xi_eta = tl.sum(xi * eta, 1)
     cbar = ridge * xi_eta
     eta_scaled, eta_scale = _row_scale(eta, q.dtype)
     eta_hi, eta_lo = _split(eta_scaled, q.dtype)
     xi_scaled, xi_scale = _row_scale(xi, q.dtype)
     xi_hi, xi_lo = _split(xi_scaled, q.dtype)
+    a0 = 1.0 - tl.sum(eta * kbar, 1) - _split_centre(eta_hi, eta_lo, eta_scale, row_centre)
+    b0 = rbar - tl.sum(xi * kbar, 1) - _split_centre(xi_hi, xi_lo, xi_scale, row_centre)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, stride_kt, offs_n, offs_d, hi)
         v = _key_tile(v_base, stride_vt, offs_n, offs_d, hi)
         p = _probs(q, k, offs_m, offs_n, lse2, scale_log2, INTERPRETED)
+        k = _centred_tile(k, centre)
         a = _project(eta_hi, eta_lo, eta_scale, k, INTERPRETED) + a0[:, None]
         bcoef = (_mma(g, tl.trans(v), zero, INTERPRETED) - _project(xi_hi, xi_lo, xi_scale, k, INTERPRETED)
                  - b0[:, None])
-        dq = _fp32_dot(p * (a * bcoef - cbar[:, None]), k, dq, INTERPRETED)
+        # sum_j ds_ij = 0 exactly: sum_j ds_ij (k_j - c) is dq's sum without the cancellation of c.
+        dq = _centred_dot(p * (a * bcoef - cbar[:, None]), k, row_centre, dq, INTERPRETED)
     dq = dq * scale + _rows(XI + row_offset, offs_m, stride_ot, offs_d, m_valid)
     tl.store(DQ + row_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
     rows = ROWS + batch_head * num_tokens + offs_m
@@ -387,7 +465,7 @@ def _backward_query_kernel(
 
 @triton.jit
 def _backward_key_kernel(
-    Q, K, V, DO, ETA, XI, LSE, ROWS, DK, DV,
+    Q, K, V, CENTRE, DO, ETA, XI, LSE, ROWS, DK, DV,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
     num_tokens, num_kv_heads, scale, scale_log2,
@@ -404,6 +482,7 @@ def _backward_key_kernel(
     n_valid = offs_n < num_tokens
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
+    centre, _ = _load_centre(CENTRE, batch_kv, offs_d, K.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     zero = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -437,9 +516,12 @@ def _backward_key_kernel(
             s = _mma(k, tl.trans(q), zero, INTERPRETED) * scale_log2
             keep = m_valid[None, :] & (offs_m[None, :] >= offs_n[:, None])
             p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
-            a = _dot_split(k, tl.trans(eta_hi), tl.trans(eta_lo), zero, INTERPRETED) * eta_scale[None, :] + a0[None, :]
+            # a and b of the centred keys (16-bit keys: c is in a0 and b0).
+            x = _centred_tile(k, centre)
+            a = (_dot_split(x, tl.trans(eta_hi), tl.trans(eta_lo), zero, INTERPRETED) * eta_scale[None, :]
+                 + a0[None, :])
             bcoef = (_mma(v, tl.trans(g), zero, INTERPRETED)
-                     - _dot_split(k, tl.trans(xi_hi), tl.trans(xi_lo), zero, INTERPRETED) * xi_scale[None, :]
+                     - _dot_split(x, tl.trans(xi_hi), tl.trans(xi_lo), zero, INTERPRETED) * xi_scale[None, :]
                      - b0[None, :])
             pa = p * a
             dv = _fp32_dot(pa, g, dv, INTERPRETED)

@@ -46,39 +46,70 @@ class SolverStats(NamedTuple):
     residual: torch.Tensor
 
 
-def _unconverged_message(worst: float, count: int, total: int, tolerance: float, max_iterations: int,
-                         which: str) -> str:
+def _residual_summary(residual: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``(2 + Hq,)``: the worst relative residual, the count of queries above ``tolerance`` (NaN
+    counts) and each query head's worst residual (NaN where a row is NaN), from a ``(B, Hq, T)``
+    tensor; one small tensor, so one copy to the host."""
+    count = (~(residual <= tolerance)).sum().to(residual.dtype)
+    return torch.cat([residual.amax().reshape(1), count.reshape(1), residual.amax(dim=(0, 2))])
+
+
+def _unconverged_message(summary: list[float], total: int, tolerance: float, max_iterations: int,
+                         head_dim: int, which: str) -> tuple[str, bool] | None:
+    """``(message, failed)`` for a solve whose residual summary (``_residual_summary``) is above the
+    tolerance, else None. ``failed``: a residual that is NaN, or not below 1 (an iterate no better
+    than zero) after at least D iterations (exact-arithmetic CG would have converged): fp32 CG
+    diverges once the conditioning ``(lambda_max(C) + lambda) / lambda`` nears 1/eps, where more
+    iterations cannot help but float64 or a larger lambda can."""
+    worst, count, *head_worst = summary
+    if worst <= tolerance:
+        return None
+    heads = [h for h, r in enumerate(head_worst) if not r <= tolerance]
+    if not (worst < 1.0 or (worst == worst and max_iterations < head_dim)):
+        return (
+            f"{_OP}: the {which} ridge solve failed for query head(s) {heads}: relative residual up to "
+            f"{worst:.2e} (>= 1, or NaN) after max_iterations={max_iterations} in {int(count)} of {total} "
+            "queries: the system is too ill-conditioned for fp32 CG; use backend='torch' (it solves in "
+            "float64) or a larger ridge_lambda"
+        ), True
     return (
         f"{_OP}: the {which} ridge solve reached max_iterations={max_iterations} with relative residual "
-        f"up to {worst:.2e} > tolerance {tolerance:.1e} in {count} of {total} queries; raise "
-        "max_iterations, or ridge_lambda (CG needs more iterations as lambda shrinks)"
-    )
+        f"up to {worst:.2e} > tolerance {tolerance:.1e} in {int(count)} of {total} queries (query head(s) "
+        f"{heads}); raise max_iterations or ridge_lambda (CG needs more iterations as lambda shrinks), "
+        "or use backend='torch' (a direct float64 solve)"
+    ), False
 
 
-def _warn_unconverged_now(residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
-    """validate=True: check the residuals at once (one host synchronisation)."""
+def _warn_unconverged_now(residual: torch.Tensor, tolerance: float, max_iterations: int, head_dim: int,
+                          which: str) -> None:
+    """validate=True: check the residuals at once (one host synchronisation); a failed solve raises."""
     if residual.numel() == 0:
         return
-    worst, count = torch.stack([residual.max(), (~(residual <= tolerance)).sum().to(residual.dtype)]).tolist()
-    if worst > tolerance:
-        warnings.warn(_unconverged_message(worst, int(count), residual.numel(), tolerance, max_iterations, which),
-                      RuntimeWarning, stacklevel=3)
+    report = _unconverged_message(_residual_summary(residual, tolerance).tolist(), residual.numel(), tolerance,
+                                  max_iterations, head_dim, which)
+    if report is not None:
+        message, failed = report
+        if failed:
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class _DeferredConvergenceCheck:
     """The default (validate=False) report of unconverged solves, without a host synchronisation:
     each Triton solve's worst residual and count of unconverged queries are copied to host memory
     without blocking (pinned, after a CUDA event), and a later call of the op, or the interpreter's
-    exit, reads the copies whose event has completed and warns about any above the tolerance. Not
-    armed during CUDA graph capture."""
+    exit, reads the copies whose event has completed and warns about any above the tolerance (a
+    failed solve too: an exception from an unrelated later call could not be handled where it
+    belongs). Not armed during CUDA graph capture."""
 
     def __init__(self):
         self._pending = []
 
-    def submit(self, residual: torch.Tensor, tolerance: float, max_iterations: int, which: str) -> None:
+    def submit(self, residual: torch.Tensor, tolerance: float, max_iterations: int, head_dim: int,
+               which: str) -> None:
         if residual.numel() == 0:
             return
-        summary = torch.stack([residual.max(), (~(residual <= tolerance)).sum().to(residual.dtype)])
+        summary = _residual_summary(residual, tolerance)
         event = None
         if summary.is_cuda:
             if torch.cuda.is_current_stream_capturing():
@@ -88,21 +119,20 @@ class _DeferredConvergenceCheck:
             event = torch.cuda.Event()
             event.record()
             summary = host
-        self._pending.append((summary, event, (residual.numel(), tolerance, max_iterations, which)))
+        self._pending.append((summary, event, (residual.numel(), tolerance, max_iterations, head_dim, which)))
 
     def report(self, wait: bool = False) -> None:
         """Warn about every finished (or, with ``wait``, every) pending solve above its tolerance."""
         still_pending = []
-        for summary, event, (total, tolerance, max_iterations, which) in self._pending:
+        for summary, event, options in self._pending:
             if event is not None and not wait and not event.query():
-                still_pending.append((summary, event, (total, tolerance, max_iterations, which)))
+                still_pending.append((summary, event, options))
                 continue
             if event is not None:
                 event.synchronize()
-            worst, count = summary.numpy()
-            if worst > tolerance:
-                warnings.warn(_unconverged_message(float(worst), int(count), total, tolerance, max_iterations, which),
-                              RuntimeWarning, stacklevel=3)
+            report = _unconverged_message(summary.tolist(), *options)
+            if report is not None:
+                warnings.warn(report[0], RuntimeWarning, stacklevel=3)
         self._pending = still_pending
 
 
@@ -110,11 +140,12 @@ _deferred = _DeferredConvergenceCheck()
 atexit.register(_deferred.report, wait=True)
 
 
-def _check_convergence(residual, tolerance: float, max_iterations: int, which: str, validate: bool) -> None:
+def _check_convergence(residual, tolerance: float, max_iterations: int, head_dim: int, which: str,
+                       validate: bool) -> None:
     if validate:
-        _warn_unconverged_now(residual, tolerance, max_iterations, which)
+        _warn_unconverged_now(residual, tolerance, max_iterations, head_dim, which)
     else:
-        _deferred.submit(residual, tolerance, max_iterations, which)
+        _deferred.submit(residual, tolerance, max_iterations, head_dim, which)
 
 
 def _iteration_blocks(backend: str, q: torch.Tensor) -> int:
@@ -132,7 +163,7 @@ def _forward_op(
     if backend == "triton":
         out, eta, lse, residual, iterations = _triton_kernels().forward(
             q, k, v, ridge, scale, tolerance, max_iterations)
-        _check_convergence(residual, tolerance, max_iterations, "forward", validate)
+        _check_convergence(residual, tolerance, max_iterations, q.shape[3], "forward", validate)
         return out, eta, lse, residual, iterations
     out, eta, lse = reference.forward(q, k, v, ridge, scale)
     batch, _, num_heads, _ = q.shape
@@ -164,7 +195,7 @@ def _backward_op(
     if backend == "triton":
         dq, dk, dv, dridge, residual, _ = _triton_kernels().backward(
             grad_out, q, k, v, ridge, eta, lse, scale, tolerance, max_iterations)
-        _check_convergence(residual, tolerance, max_iterations, "backward (adjoint)", validate)
+        _check_convergence(residual, tolerance, max_iterations, q.shape[3], "backward (adjoint)", validate)
         return dq, dk, dv, dridge
     return reference.backward(grad_out, q, k, v, ridge, lse, scale)
 
@@ -300,8 +331,10 @@ def local_linear_attention(
             conditioning ``(lambda_max(C) + lambda) / lambda``: measured in fp32 on Gaussian keys
             at D=64 (worst query of T=256), about 15 iterations at lambda=1, 50 at 0.1, 110-300 at
             0.01. Reaching the cap with a residual above ``tolerance`` emits a RuntimeWarning
-            stating the residual (forward, or the backward's adjoint solve); the result is then the
-            last iterate. Without ``validate`` the warning comes without a host synchronisation:
+            stating the residual and the query heads (forward, or the backward's adjoint solve); the
+            result is then the last iterate. A solve still at a relative residual >= 1 after at
+            least D iterations, or NaN, has failed (fp32 CG diverges once the conditioning nears
+            1/eps): the message says so and names backend='torch' (float64) or a larger lambda. Without ``validate`` the warning comes without a host synchronisation:
             the residual summary is copied to host memory asynchronously and the warning is issued
             by a later call of this op (or at interpreter exit) once the copy has landed.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, PyTorch otherwise — fp32 on CUDA too;
@@ -312,7 +345,7 @@ def local_linear_attention(
             never waits for the GPU, and CUDA graphs can capture it): q, k, v free of NaN/inf and a
             tensor ``ridge_lambda`` positive and finite (ValueError otherwise), and the solves'
             residuals checked at once (the RuntimeWarning above, forward and backward, in the call
-            itself). Skipped while torch.compile traces. Shapes, dtypes, devices, head dims and
+            itself; a failed solve is a RuntimeError). Skipped while torch.compile traces. Shapes, dtypes, devices, head dims and
             float arguments are always checked (no synchronisation needed).
 
     Returns:
