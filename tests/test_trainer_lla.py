@@ -201,3 +201,45 @@ def test_the_command_trains_the_builtin_job_with_lla(tmp_path, capsys):
                  "--config", str(tmp_path / "small.toml"), "--resume"]) == 2
     assert "the checkpoint's policy ran 'pyfastrl_lla' attention, this model runs 'pyfastrl_prefix'" in \
         capsys.readouterr().err
+
+
+def test_saved_lambdas_come_back_with_load_local_linear_attention(tmp_path):
+    """``from_pretrained`` drops the lambdas of a saved LLA model; ``load_local_linear_attention``
+    restores them, and ``--model DIR --attention lla`` does so by itself."""
+    import argparse
+
+    import transformers
+
+    from pyfastrl.trainer.command import _switch_attention
+
+    model = _lla_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(transformers_lla.RIDGE_KEY):
+                p.copy_(torch.randn_like(p))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(transformers_lla.RIDGE_KEY)}
+    model.save_pretrained(tmp_path / "saved")
+
+    def reloaded():
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True)
+
+    fresh = enable_local_linear_attention(reloaded())
+    assert not any(torch.equal(dict(fresh.named_parameters())[n], w) for n, w in trained.items())  # dropped
+    transformers_lla.load_local_linear_attention(fresh, tmp_path / "saved")
+    assert all(torch.equal(dict(fresh.named_parameters())[n], w) for n, w in trained.items())
+    args = argparse.Namespace(attention="lla", model=str(tmp_path / "saved"), ridge_lambda=None)
+    switched = _switch_attention(reloaded(), args)
+    assert all(torch.equal(dict(switched.named_parameters())[n], w) for n, w in trained.items())
+    with pytest.raises(ValueError, match="--ridge-lambda: .* holds trained lambdas"):
+        _switch_attention(reloaded(), argparse.Namespace(**{**vars(args), "ridge_lambda": 2.0}))
+    # Bad uses name the problem.
+    with pytest.raises(ValueError, match="no LocalLinearAttention layers"):
+        transformers_lla.load_local_linear_attention(reloaded(), tmp_path / "saved")
+    default_task.build_model(default_task.build_tokenizer()).save_pretrained(tmp_path / "softmax")
+    with pytest.raises(ValueError, match="holds no"):
+        transformers_lla.load_local_linear_attention(_lla_model(), tmp_path / "softmax")
+    with torch.no_grad():  # a model with one layer fewer: the saved lambdas do not match it one for one
+        smaller = reloaded()
+        smaller.model.layers = smaller.model.layers[:1]
+    with pytest.raises(ValueError, match="does not match the model's LLA layers"):
+        transformers_lla.load_local_linear_attention(enable_local_linear_attention(smaller), tmp_path / "saved")

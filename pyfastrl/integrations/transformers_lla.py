@@ -19,6 +19,8 @@ every real token's output. Other masks (right padding, holes) are refused.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pyfastrl.nn import LocalLinearAttention
@@ -144,4 +146,51 @@ def enable_local_linear_attention(model, *, ridge_lambda: float = 1.0, **options
                                    softmax_scale=layer.scaling, **options)
         setattr(layer, MODULE_ATTRIBUTE, lla.to(device))
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+RIDGE_KEY = f"{MODULE_ATTRIBUTE}.log_ridge"  # state-dict key suffix of a layer's per-head lambdas
+
+
+def saved_ridge_lambdas(path) -> dict:
+    """The LLA lambdas (``...local_linear_attention.log_ridge`` tensors) in the ``*.safetensors``
+    files of the model directory ``path``, by state-dict key; empty when it has none."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            found.update({key: handle.get_tensor(key) for key in handle.keys() if key.endswith(RIDGE_KEY)})
+    return found
+
+
+def load_local_linear_attention(model, path):
+    """Restore the trained per-head lambdas of an LLA model saved with ``save_pretrained`` (a
+    ``pyfastrl train`` checkpoint, for instance) into ``model``, in place; returns the model.
+
+    ``from_pretrained`` builds the base architecture and drops the lambdas (they are not its
+    parameters), so the way back is: ``model = AutoModelForCausalLM.from_pretrained(path)``,
+    ``enable_local_linear_attention(model)``, ``load_local_linear_attention(model, path)``. Raises
+    ValueError when ``path`` holds no lambdas, or when they do not match ``model``'s LLA layers one
+    for one (names or head counts).
+    """
+    saved = saved_ridge_lambdas(path)
+    if not saved:
+        raise ValueError(f"load_local_linear_attention: {path} holds no '*.{RIDGE_KEY}' tensors (not saved from a "
+                         "model with local linear attention)")
+    wanted = {name: p for name, p in model.named_parameters() if name.endswith(RIDGE_KEY)}
+    if not wanted:
+        raise ValueError("load_local_linear_attention: the model has no LocalLinearAttention layers; call "
+                         "enable_local_linear_attention(model) first")
+    if set(saved) != set(wanted):
+        missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+        raise ValueError(f"load_local_linear_attention: {path} does not match the model's LLA layers (missing: "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected: {extra[:3]}"
+                         f"{'...' if len(extra) > 3 else ''})")
+    with torch.no_grad():
+        for name, parameter in wanted.items():
+            if saved[name].shape != parameter.shape:
+                raise ValueError(f"load_local_linear_attention: {name} has shape {tuple(saved[name].shape)} in "
+                                 f"{path}, the model's has {tuple(parameter.shape)}")
+            parameter.copy_(saved[name])
     return model

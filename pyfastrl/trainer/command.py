@@ -145,12 +145,20 @@ def _load_model(path: str, device):
 
 
 def _switch_attention(model, args):
-    """The model with ``--attention``: as it is, or switched to local linear attention in place."""
+    """The model with ``--attention``: as it is, or switched to local linear attention in place; a
+    ``--model`` directory saved with local linear attention (a checkpoint of an ``--attention lla``
+    run) gets its trained lambdas back."""
     if args.attention != "lla":
         return model
-    from pyfastrl.integrations.transformers_lla import enable_local_linear_attention
+    from pyfastrl.integrations import transformers_lla
 
-    return enable_local_linear_attention(model, ridge_lambda=1.0 if args.ridge_lambda is None else args.ridge_lambda)
+    saved = args.model is not None and bool(transformers_lla.saved_ridge_lambdas(args.model))
+    if saved and args.ridge_lambda is not None:
+        raise ValueError(f"--ridge-lambda: {args.model} holds trained lambdas (saved with local linear attention); "
+                         "leave --ridge-lambda out to continue from them")
+    ridge_lambda = 1.0 if args.ridge_lambda is None else args.ridge_lambda
+    transformers_lla.enable_local_linear_attention(model, ridge_lambda=ridge_lambda)
+    return transformers_lla.load_local_linear_attention(model, args.model) if saved else model
 
 
 def run(args) -> int:
