@@ -369,14 +369,9 @@ class PrefixTreeLayout:
         key <= row). With ``window`` W >= 1 (0: off) tiles outside every row's window are left out.
         Vectorised over (program, run) pairs and tiles; nothing per token.
         """
-        block_m, block_n = _as_length(block_m, "block_m"), _as_length(block_n, "block_n")
-        lengths = torch.tensor(self.lengths, dtype=torch.long)
-        starts = self.segment_table[:, 0]
-        counts = (lengths + block_m - 1) // block_m  # programs per segment
-        num_programs = int(counts.sum())  # host tensors: no device sync
-        segment = _range_ids(counts, num_programs)
-        q_start = starts[segment] + _ranges(torch.zeros_like(counts), counts, num_programs) * block_m
-        q_end = torch.minimum(q_start + block_m, (starts + lengths)[segment])
+        block_n = _as_length(block_n, "block_n")
+        segment, q_start, q_end = self._pieces(block_m, "block_m")  # one program each
+        num_programs = segment.shape[0]
 
         # Every program against every key run of its segment (a segment's runs are consecutive).
         run_counts = torch.bincount(self._key_runs[:, 0], minlength=self.num_segments)
@@ -405,7 +400,7 @@ class PrefixTreeLayout:
                                  masked.long() * (MASKED + causal[pair])], 1)
         program_tiles = torch.zeros(num_programs, dtype=torch.long).index_add_(0, program, tiles)
         end_tile = torch.cumsum(program_tiles, 0)
-        rows = torch.stack([q_start, q_end, starts[segment], end_tile - program_tiles, end_tile], 1)
+        rows = torch.stack([q_start, q_end, self.segment_table[segment, 0], end_tile - program_tiles, end_tile], 1)
         return _heaviest_first(rows, program_tiles), key_tiles.to(torch.int32).contiguous()
 
     def key_blocks(self, block_n: int) -> torch.Tensor:
@@ -414,16 +409,20 @@ class PrefixTreeLayout:
         (at most ``block_n``, within one segment) are read by exactly the queries ``q`` in
         ``k_start..q_end-1`` with ``q >= key``: ``q_end`` is the end of the segment's subtree
         (contiguous in preorder), so one loop covers every path through the keys. Most work first."""
-        block_n = _as_length(block_n, "block_n")
-        lengths = torch.tensor(self.lengths, dtype=torch.long)
-        starts = self.segment_table[:, 0]
-        counts = (lengths + block_n - 1) // block_n
+        segment, k_start, k_end = self._pieces(block_n, "block_n")
+        q_end = self._subtree_ends[segment]
+        return _heaviest_first(torch.stack([k_start, k_end, q_end], 1), q_end - k_start)
+
+    def _pieces(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every segment cut into pieces of at most ``block`` tokens, in packing order: each piece's
+        ``(segment, start, end)``, int64 on the CPU (host tensors: no device sync)."""
+        block = _as_length(block, name)
+        starts, ends = self.segment_table[:, 0], self.segment_table[:, 1]
+        counts = (ends - starts + block - 1) // block
         total = int(counts.sum())
         segment = _range_ids(counts, total)
-        k_start = starts[segment] + _ranges(torch.zeros_like(counts), counts, total) * block_n
-        q_end = self._subtree_ends[segment]
-        rows = torch.stack([k_start, torch.minimum(k_start + block_n, (starts + lengths)[segment]), q_end], 1)
-        return _heaviest_first(rows, q_end - k_start)
+        piece_starts = starts[segment] + _ranges(torch.zeros_like(counts), counts, total) * block
+        return segment, piece_starts, torch.minimum(piece_starts + block, ends[segment])
 
     def device_tables(self, key, build) -> tuple[torch.Tensor, ...]:
         """Kernel tables derived from this layout: ``build()``'s host tensors copied to ``device``,

@@ -15,6 +15,10 @@ The programs are in ``triton_kernels.py``. Per call:
   Cost: two fp32 buffers of ``chunk rows x Hq x BLOCK_N x D`` (about ``T x Hq x D`` each, plus one
   key tile per extra chunk of a long group).
 
+Prefix trees (``PrefixTreeLayout``): the same kernels over the tables of ``tree_tables``; the forward
+and dQ read each query tile's key tiles from a list (``TREE``), dK/dV runs the group schedule over
+subtree query ranges.
+
 Soft-capping (``softcap = c > 0``): scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before the
 softmax, with the exact gradient. Sliding window (``window = W > 0``): a query at path position i
 sees key j of its own path only when ``i - pos(j) < W`` (transformers' definition). Path positions:
@@ -58,8 +62,9 @@ _QUERY_CHUNK = {"interpreter": 32, "sm80": 4096, "sm90": 4096}
 # with and without soft-capping and windows: no register spill, shared memory within 163 / 227 KB,
 # every dot on tensor cores (wgmma on sm_90a for bf16/fp16). fp32 has entries only where some
 # candidate down to 16 x 16 tiles compiled without spills. An entry with a fourth key element
-# ("window" or "softcap") replaces the plain one when that option is on (looked up in that order):
-# the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV tiles.
+# ("tree", "window" or "softcap") replaces the plain one when that option is on (looked up in that
+# order): the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV
+# tiles; "tree" is the forward / dQ over a PrefixTreeLayout (key tiles read from a list).
 # To be re-ranked by timing on GPUs.
 _INTERPRETER_TILES = (16, 16, 1, 1)
 _GPU_TILES = {
@@ -71,6 +76,8 @@ _GPU_TILES = {
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 32, 4, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
         ("dkdv", 256, False, "window"): (32, 32, 8, 2), ("dkdv", 256, False, "softcap"): (32, 32, 8, 2),
+        # Trees read their key tiles from a list; fp32 then spills with two stages (8 B): one stage.
+        ("forward", 64, True, "tree"): (64, 32, 4, 1),
     },
     "sm90": {
         ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
@@ -82,6 +89,7 @@ _GPU_TILES = {
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 64, 8, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
         ("dkdv", 256, False, "window"): (32, 32, 8, 2),  # mma.sync: every 64-key (wgmma) candidate spilled
+        ("forward", 64, True, "tree"): (64, 64, 8, 1),  # two stages: 255 registers and 32 B spill, one: 164
     },
 }
 
@@ -117,13 +125,15 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, device) -> str | None:
     )
 
 
-def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict) -> dict:
+def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict,
+                  tree: bool = False) -> dict:
     if target == "interpreter":
         block_m, block_n, num_warps, num_stages = _INTERPRETER_TILES
     else:
         table = _GPU_TILES[target]
         key = (kernel, max(64, triton.next_power_of_2(head_dim)), dtype == torch.float32)
-        options = [name for name, on in (("window", consts["WINDOWED"]), ("softcap", consts["SOFTCAP"])) if on]
+        options = [name for name, on in (("tree", tree), ("window", consts["WINDOWED"]),
+                                         ("softcap", consts["SOFTCAP"])) if on]
         key = next((key + (name,) for name in options if key + (name,) in table), key)
         block_m, block_n, num_warps, num_stages = table[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
@@ -161,7 +171,7 @@ def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int, ke
     num_tokens, num_heads, head_dim = q.shape
     target = _target(q.device)
     consts, (score_in, score_out, window) = _common(q, k, softcap, window, scale)
-    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts)
+    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts, tree=key_tiles is not None)
     split = _split(target, 0, tiles, key_tiles)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
@@ -189,7 +199,8 @@ def tree_tables(layout, q: torch.Tensor, k: torch.Tensor, softcap: float, window
     copied to the device once per layout and configuration (no device sync)."""
     target = _target(q.device)
     consts, (_, _, window) = _common(q, k, softcap, window, 1.0)
-    fwd, dq, dkdv = (_launch_tiles(target, name, q.shape[2], q.dtype, consts) for name in ("forward", "dq", "dkdv"))
+    fwd, dq = (_launch_tiles(target, name, q.shape[2], q.dtype, consts, tree=True) for name in ("forward", "dq"))
+    dkdv = _launch_tiles(target, "dkdv", q.shape[2], q.dtype, consts)
     query_chunk = _QUERY_CHUNK[target]
 
     def build():
@@ -305,7 +316,7 @@ def _backward(grad_out, q, k, v, out, lse, dq_blocks, dq_key_tiles, chunks, redu
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts)
+    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts, tree=dq_key_tiles is not None)
     split = _split(target, 1, tiles, dq_key_tiles)
     tk.dq_kernel[(num_heads * dq_blocks.shape[0] * split,)](
         q, k, v, grad_out, lse, delta, dq, dq_blocks, dq_blocks if dq_key_tiles is None else dq_key_tiles,

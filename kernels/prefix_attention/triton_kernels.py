@@ -14,6 +14,11 @@ Conventions shared by every program:
   row ``t`` and key ``j`` differ by ``t - j - shift`` with ``shift = suffix start - prefix end`` for a
   suffix row against its group's prefix keys and ``shift = 0`` within a segment; a key is in the
   window when that difference is below ``window``.
+* Prefix trees (``TREE``): a query tile's keys are its ancestors' segments, runs that are not
+  contiguous, each with its own ``shift``; the forward and dQ then take their key tiles, with
+  ``shift`` and the mask kind, from a host-built list (``PrefixTreeLayout.query_tiles``) inside the
+  same single loop. dK/dV needs no tree mode: a segment's keys are read by exactly the queries of
+  its subtree, a contiguous range in preorder, causally in packed index (``POS`` for the window).
 """
 from __future__ import annotations
 
