@@ -203,6 +203,18 @@ def _prefix_attention(dtype, head_dim, heads):
     return run
 
 
+def _prefix_tree_attention(dtype, head_dim, heads, softcap=None, sliding_window=None):
+    def run():
+        # Depth 3, two roots, a first child contiguous with its parent and later children that are not.
+        layout = pyfastrl.PrefixTreeLayout([-1, 0, 1, 1, 0, -1, 5], [45, 21, 13, 7, 9, 30, 17])
+        t = layout.total_tokens
+        q = _leaf(t, heads[0], head_dim, dtype=dtype)
+        k, v = (_leaf(t, heads[1], head_dim, dtype=dtype) for _ in range(2))
+        pyfastrl.prefix_grouped_attention(q, k, v, layout, softcap=softcap, sliding_window=sliding_window,
+                                          backend="triton").sum().backward()
+    return run
+
+
 def _lla(dtype, head_dim, heads):
     def run():
         q = _leaf(2, 75, heads[0], head_dim, dtype=dtype)
@@ -275,7 +287,7 @@ def op_configs() -> list[OpConfig]:
     """Every op configuration the check records (``quick`` marks the --quick subset).
 
     Attention: bf16 at every head dim with MHA and GQA; fp16 and fp32 with GQA (MHA differs only
-    in the constexpr ``REP``, covered by bf16). GRPO: every loss variant in bf16; fp16 and fp32 once
+    in the constexpr ``REP``, covered by bf16); prefix trees likewise with GQA. GRPO: every loss variant in bf16; fp16 and fp32 once
     (they change only pointer types)."""
     configs = []
     attention = [("prefix_grouped_attention", ATTENTION_HEAD_DIMS, _prefix_attention),
@@ -289,6 +301,16 @@ def op_configs() -> list[OpConfig]:
                     quick = dtype_name != "fp16" and heads_name == "GQA" and head_dim != 80
                     configs.append(OpConfig(op, f"{dtype_name} D={head_dim} {heads_name}",
                                             build(dtype, head_dim, heads), quick))
+    # Trees (the forward and dQ read key-tile lists): GQA at every head dim; in bf16 and fp32 also
+    # with soft-capping and a window (more live values; dK/dV then takes its "window" tiles).
+    for dtype_name, dtype in DTYPES.items():
+        for head_dim in ATTENTION_HEAD_DIMS:
+            options = [("", {})] + ([(" softcap window", dict(softcap=30.0, sliding_window=40))]
+                                    if dtype_name != "fp16" else [])
+            for label, kwargs in options:
+                configs.append(OpConfig("prefix_grouped_attention", f"{dtype_name} D={head_dim} GQA tree{label}",
+                                        _prefix_tree_attention(dtype, head_dim, HEADS["GQA"], **kwargs),
+                                        dtype_name != "fp16" and head_dim != 80 and not label))
     for dtype_name, dtype in DTYPES.items():
         for loss, level, kl, delta, quick in _loss_variants():
             if dtype_name != "bf16" and (loss, level, kl, delta) != ("dapo", "token", "k3", None):

@@ -7,8 +7,10 @@ A synthetic multi-turn batch: per conversation a prompt, then per turn ``samples
 to the whole context so far; the first reply is kept, a user message follows it, and the next turn
 samples again (``multi_turn_batch``). Every (context, reply) is one sequence. Methods, forward and
 forward + backward, on the same random q, k, v (given per tree token and copied into each layout):
-  pyfastrl_tree     prefix_grouped_attention on ``PrefixTreeLayout.from_sequences``: every token once
-                    (torch backend: trees run there for now)
+  pyfastrl_tree     prefix_grouped_attention on ``PrefixTreeLayout.from_sequences``: every token once;
+                    backend "auto", as the grouped row: Triton on CUDA, torch on CPU (flash, the
+                    grouped row's CPU backend, does not take trees)
+  pyfastrl_tree_torch  (CUDA) the same on the torch backend (segment by segment in PyTorch)
   pyfastrl_grouped  prefix_grouped_attention on the one-level grouped batch (each turn's context
                     once per turn, its replies after it): Triton on CUDA, flash on CPU
   sdpa_repeated     the baseline: every sequence with its own context, padded, causal SDPA
@@ -98,6 +100,8 @@ def build_methods(sequences, groups, device, *, cuda: bool):
     sdpa = prefix_attention._sdpa_on("FLASH_ATTENTION" if cuda else None)
     methods = {
         "pyfastrl_tree": (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, tree), lambda out: out),
+        **({"pyfastrl_tree_torch": (packed, lambda q, k, v: prefix_grouped_attention(q, k, v, tree, backend="torch"),
+                                    lambda out: out)} if cuda else {}),
         "pyfastrl_grouped": (to_grouped, lambda q, k, v: prefix_grouped_attention(q, k, v, grouped),
                              lambda out: out[back]),
         "sdpa_repeated": (to_repeated, sdpa, lambda out: out.transpose(1, 2).flatten(0, 1)[repeated_back]),

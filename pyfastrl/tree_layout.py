@@ -21,12 +21,18 @@ from collections.abc import Sequence
 
 import torch
 
-from pyfastrl.layout import _as_length, _ranges
+from pyfastrl.layout import _as_length, _exclusive_cumsum, _heaviest_first, _range_ids, _ranges
 
 __all__ = ["PrefixTreeLayout"]
 
-# Columns of ``PrefixTreeLayout.segment_table``.
+# Columns of ``PrefixTreeLayout.segment_table``, of a key run (``_merged_runs``) and of a key tile
+# (``PrefixTreeLayout.query_tiles``).
 SEGMENT_TABLE_COLUMNS = 4
+KEY_RUN_COLUMNS = 5
+KEY_TILE_COLUMNS = 4
+# Key-tile mask codes: every key of the tile visible to every row; mask by range and window;
+# mask causally too (the tile reaches the query rows' own keys).
+UNMASKED, MASKED, MASKED_CAUSAL = 0, 1, 2
 
 
 def _as_list(value, name: str) -> list:
@@ -83,6 +89,33 @@ def _validated(parents, lengths) -> tuple[list[int], list[int]]:
             del path[path.index(parent) + 1:]
         path.append(i)
     return parents, lengths
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to CUDA through pinned memory, so the host does not wait."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _merged_runs(segment: int, path: list[int], starts, lengths, offsets) -> list[list[int]]:
+    """The keys ``segment``'s tokens see, as runs of consecutive packed indices: the segments of its
+    path (root first, itself last), merged where one ends where the next starts (a first child).
+    Rows ``[segment, lo, hi, shift, causal]``: a query row t and key j of the run lie ``t - j - shift``
+    apart along the path; the last run (its own keys, after any ancestors contiguous with them) is
+    seen causally, with shift 0."""
+    def packed_minus_path(s):  # packed index minus path position, constant along a merged run
+        return starts[s] - offsets[s]
+
+    runs: list[list[int]] = []
+    for s in path:
+        if runs and runs[-1][2] == starts[s]:
+            runs[-1][2] += lengths[s]
+        else:
+            runs.append([segment, starts[s], starts[s] + lengths[s],
+                         packed_minus_path(segment) - packed_minus_path(s), 0])
+    runs[-1][4] = 1
+    return runs
 
 
 class PrefixTreeLayout:
@@ -171,11 +204,20 @@ class PrefixTreeLayout:
                 chain.append(i)
             return chain[::-1]
 
-        ancestor_pieces, table, ancestor_tokens = [], [], 0
+        ancestor_pieces, table, ancestor_tokens, key_runs = [], [], 0, []
         for i in range(n):
             table.append([starts[i], starts[i] + lengths[i], ancestor_tokens, offsets[i]])
-            ancestor_pieces += ancestors(i)
+            chain = ancestors(i)
+            ancestor_pieces += chain
             ancestor_tokens += offsets[i]  # a segment's ancestors hold its path offset's tokens
+            key_runs += _merged_runs(i, [*chain, i], starts, lengths, offsets)
+        self._key_runs = torch.tensor(key_runs, dtype=torch.long).reshape(-1, KEY_RUN_COLUMNS)
+        # A subtree is contiguous: it ends where its last descendant (or the segment itself) ends.
+        subtree_ends = [s + m for s, m in zip(starts, lengths)]
+        for i in range(n - 1, 0, -1):
+            if parents[i] != -1:
+                subtree_ends[parents[i]] = max(subtree_ends[parents[i]], subtree_ends[i])
+        self._subtree_ends = torch.tensor(subtree_ends, dtype=torch.long)
         path_pieces = [s for leaf in self.leaves for s in (*ancestors(leaf), leaf)]
         self.segment_table = torch.tensor(table, dtype=torch.long).reshape(n, SEGMENT_TABLE_COLUMNS)
 
@@ -185,17 +227,16 @@ class PrefixTreeLayout:
              *offsets, *segment_rows, *(starts[s] for s in path_pieces), *(starts[a] for a in ancestor_pieces),
              *lengths, *lengths, *(lengths[s] for s in path_pieces), *(lengths[a] for a in ancestor_pieces)],
             dtype=torch.long)
-        if self.device.type == "cuda":  # a pinned copy goes over without the host waiting for it
-            host = host.pin_memory()
         pieces = 2 * n + len(path_pieces) + len(ancestor_pieces)
-        segment_starts, repeated_cu_seqlens, run_starts, run_lengths = host.to(
-            self.device, non_blocking=True).split([n, len(repeated_cu), pieces, pieces])
+        segment_starts, repeated_cu_seqlens, run_starts, run_lengths = _to_device(host, self.device).split(
+            [n, len(repeated_cu), pieces, pieces])
         sizes = [total, total, self.repeated_tokens, ancestor_tokens]
         (self.position_ids, self.packed_to_repeated, self.repeated_index,
          self.ancestor_index) = _ranges(run_starts, run_lengths, sum(sizes)).split(sizes)
         self.segment_starts = segment_starts
         self.repeated_cu_seqlens = repeated_cu_seqlens
         self.device = self.position_ids.device  # "cuda" -> "cuda:N", comparable with tensors' devices
+        self._device_tables: dict = {}
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -308,9 +349,7 @@ class PrefixTreeLayout:
             run_lengths += [lengths[s] for s in reversed(path)]
         sizes = [len(r) for r in rows]
         host = torch.tensor([*run_starts, *run_lengths], dtype=torch.long)
-        if layout.device.type == "cuda":
-            host = host.pin_memory()
-        run_starts_t, run_lengths_t = host.to(layout.device, non_blocking=True).split(len(run_starts))
+        run_starts_t, run_lengths_t = _to_device(host, layout.device).split(len(run_starts))
         token_index = list(_ranges(run_starts_t, run_lengths_t, sum(sizes)).split(sizes))
         return layout, token_index
 
@@ -322,6 +361,83 @@ class PrefixTreeLayout:
         ``from_sequences``."""
         rows, values = _token_rows(sequences)
         return sum(len(row) for row in rows) - sum(_sorted_common_prefixes(rows, values)[1])
+
+    # -- kernel tables -------------------------------------------------------------------------
+    def query_tiles(self, block_m: int, block_n: int, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward / dQ tables of the Triton backend: ``(rows (P, 5), tiles (K, 4))`` int32 on the CPU.
+
+        Row ``[q_start, q_end, segment_start, first_tile, end_tile]``: query rows ``q_start..q_end-1``
+        (at most ``block_m``, within one segment) read the key tiles ``tiles[first_tile:end_tile]``;
+        rows are ordered most key tiles first. Tile ``[key_start, key_end, shift, mask]``: keys
+        ``key_start..min(key_start + block_n, key_end) - 1`` of one run of ``_merged_runs``, whose
+        path positions lie ``t - j - shift`` before query row t's; ``mask`` is ``UNMASKED`` (every key
+        visible to every row), ``MASKED`` (check the range and the window) or ``MASKED_CAUSAL`` (also
+        key <= row). With ``window`` W >= 1 (0: off) tiles outside every row's window are left out.
+        Vectorised over (program, run) pairs and tiles; nothing per token.
+        """
+        block_n = _as_length(block_n, "block_n")
+        segment, q_start, q_end = self._pieces(block_m, "block_m")  # one program each
+        num_programs = segment.shape[0]
+
+        # Every program against every key run of its segment (a segment's runs are consecutive).
+        run_counts = torch.bincount(self._key_runs[:, 0], minlength=self.num_segments)
+        pair_counts = run_counts[segment]
+        num_pairs = int(pair_counts.sum())
+        program = _range_ids(pair_counts, num_pairs)
+        run = _ranges(_exclusive_cumsum(run_counts)[segment], pair_counts, num_pairs)
+        _, lo, hi, shift, causal = self._key_runs[run].unbind(1)
+        rows_start, rows_end = q_start[program], q_end[program]
+        hi = torch.where(causal == 1, rows_end, hi)
+        unmasked_end = torch.where(causal == 1, rows_start + 1, hi)  # keys up to the first row: seen by all
+        first_full = torch.zeros_like(lo)
+        if window:
+            lo = torch.maximum(lo, rows_start - shift - window + 1)
+            # Keys below the last row's first visible key are out of some row's window: edge tiles.
+            first_full = (rows_end - shift - window - lo + block_n - 1).clamp(min=0) // block_n
+        tiles = ((hi - lo).clamp(min=0) + block_n - 1) // block_n
+        first_full = torch.minimum(first_full, tiles)
+        last_full = torch.maximum(first_full, (unmasked_end - lo).clamp(min=0) // block_n)
+
+        num_tiles = int(tiles.sum())
+        pair = torch.repeat_interleave(torch.arange(num_pairs), tiles, output_size=num_tiles)
+        index = torch.arange(num_tiles) - _exclusive_cumsum(tiles)[pair]
+        masked = (index < first_full[pair]) | (index >= last_full[pair])
+        key_tiles = torch.stack([lo[pair] + index * block_n, hi[pair], shift[pair],
+                                 masked.long() * (MASKED + causal[pair])], 1)
+        program_tiles = torch.zeros(num_programs, dtype=torch.long).index_add_(0, program, tiles)
+        end_tile = torch.cumsum(program_tiles, 0)
+        rows = torch.stack([q_start, q_end, self.segment_table[segment, 0], end_tile - program_tiles, end_tile], 1)
+        return _heaviest_first(rows, program_tiles), key_tiles.to(torch.int32).contiguous()
+
+    def key_blocks(self, block_n: int) -> torch.Tensor:
+        """dK/dV table of the Triton backend, int32 ``(n, 3)`` on the CPU, the format of
+        ``PrefixGroupLayout.key_blocks``: row ``[k_start, k_end, q_end]``, keys ``k_start..k_end-1``
+        (at most ``block_n``, within one segment) are read by exactly the queries ``q`` in
+        ``k_start..q_end-1`` with ``q >= key``: ``q_end`` is the end of the segment's subtree
+        (contiguous in preorder), so one loop covers every path through the keys. Most work first."""
+        segment, k_start, k_end = self._pieces(block_n, "block_n")
+        q_end = self._subtree_ends[segment]
+        return _heaviest_first(torch.stack([k_start, k_end, q_end], 1), q_end - k_start)
+
+    def _pieces(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every segment cut into pieces of at most ``block`` tokens, in packing order: each piece's
+        ``(segment, start, end)``, int64 on the CPU (host tensors: no device sync)."""
+        block = _as_length(block, name)
+        starts, ends = self.segment_table[:, 0], self.segment_table[:, 1]
+        counts = (ends - starts + block - 1) // block
+        total = int(counts.sum())
+        segment = _range_ids(counts, total)
+        piece_starts = starts[segment] + _ranges(torch.zeros_like(counts), counts, total) * block
+        return segment, piece_starts, torch.minimum(piece_starts + block, ends[segment])
+
+    def device_tables(self, key, build) -> tuple[torch.Tensor, ...]:
+        """Kernel tables derived from this layout: ``build()``'s host tensors copied to ``device``,
+        built and copied once per hashable ``key`` (the layout is reused by every layer)."""
+        tables = self._device_tables.get(key)
+        if tables is None:
+            tables = tuple(_to_device(t, self.device) for t in build())
+            self._device_tables[key] = tables
+        return tables
 
     # -- conveniences --------------------------------------------------------------------------
     def to(self, device) -> "PrefixTreeLayout":

@@ -144,6 +144,12 @@ def test_group_layout_is_a_two_level_tree():
     grad_out = torch.randn_like(q)
     assert_all_close(op_and_grads(q, k, v, tree, grad_out),
                      op_and_grads(q, k, v, group, grad_out, backend="torch"), atol=1e-12)
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    grad_out = grad_out.float()
+    options = dict(backend="triton", softcap=2.0, sliding_window=6)
+    want = op_and_grads(q, k, v, group, grad_out, **options)
+    assert_all_close(op_and_grads(q, k, v, tree, grad_out, **options), [t.double() for t in want], atol=1e-5,
+                     rtol=1e-5)
 
 
 def test_to_device_and_repr():
@@ -220,28 +226,170 @@ def test_float32_and_bfloat16_inputs():
 def test_tree_backends_and_bad_inputs(monkeypatch):
     layout = PrefixTreeLayout([-1, 0, 0], [3, 2, 2])
     q, k, v = make_qkv(7, 2, 2, 16, torch.float32)
-    for backend in ("triton", "flash", "cuda"):
-        with pytest.raises(ValueError, match="backend='torch'"):
+    for backend in ("flash", "cuda"):
+        with pytest.raises(ValueError, match="backend='triton' or backend='torch'"):
             prefix_grouped_attention(q, k, v, layout, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         prefix_grouped_attention(q, k, v, layout, backend="bogus")
-    monkeypatch.setenv(BACKEND_ENV, "triton")  # a global override leaves trees on torch
-    torch.testing.assert_close(prefix_grouped_attention(q, k, v, layout),
-                               prefix_grouped_attention(q, k, v, layout, backend="torch"))
     with pytest.raises(ValueError, match="total_tokens is 7"):
         prefix_grouped_attention(q[:6], k[:6], v[:6], layout)
     with pytest.raises(TypeError, match="PrefixTreeLayout"):
         prefix_grouped_attention(q, k, v, [3, 2, 2])
+    with pytest.raises(TypeError, match="backend='torch'"):  # the Triton kernels' dtype check
+        prefix_grouped_attention(q.double(), k.double(), v.double(), layout, backend="triton")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        prefix_grouped_attention(q[..., :8], k[..., :8], v[..., :8], layout, backend="triton")
 
 
-def test_custom_op_opcheck_and_compile():
+@pytest.mark.parametrize("env", [None, "triton", "torch", "flash", "cuda"])
+def test_auto_picks_triton_for_trees_where_it_does_for_groups(monkeypatch, env):
+    """Trees resolve as group layouts do where the flash backend does not apply (it refuses trees):
+    with a sliding window. A global ``flash`` / ``cuda`` override leaves trees on auto."""
+    from pyfastrl.kernels.prefix_attention import kernel
+    from pyfastrl.ops.prefix_attention import _resolve, _resolve_tree
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    if env in ("triton", "torch"):
+        monkeypatch.setenv(BACKEND_ENV, env)
+    q = torch.randn(7, 2, 16)
+    group_backend = _resolve("auto", q, None, 4)
+    if env is not None:
+        monkeypatch.setenv(BACKEND_ENV, env)
+    assert _resolve_tree("auto", q) == group_backend
+    # The op runs the backend it resolved to: the Triton tables are built for Triton only.
+    built = []
+    monkeypatch.setattr(kernel, "tree_tables", lambda *args, real=kernel.tree_tables: built.append(1) or real(*args))
+    layout = PrefixTreeLayout([-1, 0, 0], [3, 2, 2])
+    prefix_grouped_attention(q, q[:, :1], q[:, :1], layout)
+    assert bool(built) == (group_backend == "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_op_opcheck_and_compile(backend):
+    from pyfastrl.kernels.prefix_attention import kernel
     from pyfastrl.ops._prefix_tree_attention import _forward_op
 
     layout = PrefixTreeLayout([-1, 0, 1, 0], [3, 2, 2, 1])
-    q, k, v = make_qkv(layout.total_tokens, 2, 1, 8)
-    torch.library.opcheck(_forward_op, (q, k, v, layout.segment_table, layout.ancestor_index, 0.3, 0.0, 0))
-    compiled = torch.compile(lambda q, k, v: prefix_grouped_attention(q, k, v, layout), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), prefix_grouped_attention(q, k, v, layout))
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = make_qkv(layout.total_tokens, 2, 1, 16, dtype)
+    tables = kernel.tree_tables(layout, q, k, 0.0, 2) if backend == "triton" else []
+    torch.library.opcheck(_forward_op, (q, k, v, layout.segment_table, layout.ancestor_index, tables, 0.3, 0.0, 2,
+                                        backend))
+
+    def loss(q, k, v):
+        return (prefix_grouped_attention(q, k, v, layout, sliding_window=2, backend=backend) ** 2).sum()
+
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(compiled, torch.autograd.grad(loss(q, k, v), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+# -- the Triton backend ------------------------------------------------------------------------------
+def visible_keys(parents, lengths, window=None):
+    """Per packed query token, the set of packed keys it sees (its path, causally, in the window)."""
+    seen = {}
+    for path in paths_of(parents, lengths)[1]:
+        for i, t in enumerate(path):
+            seen[t] = {path[j] for j in range(i + 1) if window is None or i - j < window}
+    return [seen[t] for t in range(sum(lengths))]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_triton_tables_cover_exactly_the_visible_keys(seed):
+    """The forward/dQ key tiles give each query row exactly its visible keys, once, with the mask
+    the kernels apply (an unmasked tile is whole and seen by every row of its block), and ``shift``
+    is the path-position offset; the dK/dV key blocks name exactly the queries that see a key."""
+    from pyfastrl.tree_layout import MASKED_CAUSAL, UNMASKED
+
+    rng = random.Random(200 + seed)
+    parents, lengths = random_tree(rng, 1 + seed % 5, 1 + seed % 4, max_len=12)
+    layout = PrefixTreeLayout(parents, lengths)
+    block_m, block_n = [(1, 1), (4, 3), (16, 16), (5, 8)][seed % 4]
+    window = [0, 1, 3, 8][(seed // 4) % 4]
+    visible = visible_keys(parents, lengths, window or None)
+    pos = layout.position_ids.tolist()
+    rows, tiles = layout.query_tiles(block_m, block_n, window)
+    covered = []
+    for q_start, q_end, segment_start, first, end in rows.tolist():
+        assert 0 < q_end - q_start <= block_m and len({pos[t] - t for t in range(segment_start, q_end)}) == 1
+        for t in range(q_start, q_end):
+            covered.append(t)
+            seen = []
+            for key_start, key_end, shift, mask in tiles[first:end].tolist():
+                keys = range(key_start, min(key_start + block_n, key_end))
+                assert all(pos[t] - pos[j] == t - j - shift for j in keys)
+                shown = [j for j in keys if (mask != MASKED_CAUSAL or j <= t) and (not window or t - j - shift < window)]
+                if mask == UNMASKED:
+                    assert len(keys) == block_n and shown == list(keys)
+                seen += shown
+            assert sorted(seen) == sorted(visible[t])
+    assert sorted(covered) == list(range(layout.total_tokens))
+
+    seen_by = [[] for _ in range(layout.total_tokens)]
+    for t, keys in enumerate(visible_keys(parents, lengths)):
+        for key in keys:
+            seen_by[key].append(t)
+    keys = []
+    for k_start, k_end, q_end in layout.key_blocks(block_n).tolist():
+        assert 0 < k_end - k_start <= block_n
+        for key in range(k_start, k_end):
+            keys.append(key)
+            assert seen_by[key] == list(range(key, q_end))
+    assert sorted(keys) == list(range(layout.total_tokens))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_triton_random_trees_equal_per_path_reference(seed):
+    # Depth 1-5 and 1-4 children; segments up to 24 tokens, shorter and longer than the
+    # interpreter's 16-row / 16-key tiles.
+    rng = random.Random(300 + seed)
+    parents, lengths = random_tree(rng, max_depth=1 + seed % 5, branching=1 + seed % 4, max_len=[7, 24][seed % 2])
+    layout = PrefixTreeLayout(parents, lengths)
+    softcap, window = [None, 1.5][(seed // 2) % 2], [None, 5, 1, 20][seed % 4]
+    q, k, v = make_qkv(layout.total_tokens, 4, [4, 2, 1][seed % 3], 16, torch.float32)
+    grad_out = torch.randn_like(q)
+    got = op_and_grads(q, k, v, layout, grad_out, softmax_scale=0.3, softcap=softcap, sliding_window=window,
+                       backend="triton")
+    want = per_path_reference(q, k, v, parents, lengths, grad_out, 0.3, softcap, window)
+    assert_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap, window", [(None, None), (2.0, 9)])
+def test_triton_bfloat16_tree(softcap, window):
+    parents, lengths = random_tree(random.Random(17), 4, 3, max_len=20)
+    layout = PrefixTreeLayout(parents, lengths)
+    q, k, v = make_qkv(layout.total_tokens, 4, 2, 32, torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    got = op_and_grads(q, k, v, layout, grad_out, softcap=softcap, sliding_window=window, backend="triton")
+    assert got[0].dtype == torch.bfloat16
+    # bf16: P and dS are rounded to bf16 before their matmuls (as in FlashAttention).
+    assert_all_close(got, per_path_reference(q, k, v, parents, lengths, grad_out, 32 ** -0.5, softcap, window),
+                     atol=3e-2, rtol=3e-2)
+
+
+# Segments spanning >= 2 GPU tiles (query tiles of 64-128 rows, key tiles of 32-64), a first child
+# contiguous with its parent's keys and later children that are not, a short segment, two roots.
+GPU_TILE_TREE = ([-1, 0, 1, 1, 0, -1, 5], [150, 70, 40, 130, 3, 20, 90])
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("dtype, head_dim, softcap, window", [(torch.bfloat16, 64, None, None),
+                                                              (torch.bfloat16, 128, None, None),
+                                                              (torch.float32, 64, 30.0, 100)])
+def test_triton_gpu_tile_tables_equal_per_path_reference(target, dtype, head_dim, softcap, window):
+    from pyfastrl.kernels.launch_target import gpu_tiles
+
+    layout = PrefixTreeLayout(*GPU_TILE_TREE)
+    q, k, v = make_qkv(layout.total_tokens, 2, 1, head_dim, dtype)
+    grad_out = torch.randn_like(q)
+    scale = 3.0 * head_dim ** -0.5 if softcap else head_dim ** -0.5  # softcap: scores reach the cap
+    with gpu_tiles(target):
+        got = op_and_grads(q, k, v, layout, grad_out, softmax_scale=scale, softcap=softcap, sliding_window=window,
+                           backend="triton")
+    want = per_path_reference(q, k, v, *GPU_TILE_TREE, grad_out, scale, softcap, window)
+    # bf16: P and dS are rounded to bf16 before their matmuls (as in FlashAttention); fp32: 3-pass TF32.
+    atol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_all_close(got, want, atol=atol, rtol=atol)
 
 
 # -- from_sequences ----------------------------------------------------------------------------------
@@ -363,6 +511,11 @@ def test_bad_sequences_raise_naming_the_sequence(sequences, message):
 # -- a synthetic multi-turn batch: token counts ------------------------------------------------------
 @pytest.mark.gpu
 def test_cuda_tree_matches_cpu_without_host_syncs():
+    """On CUDA "auto" runs trees on Triton (fp32 at D=64 has kernels on sm80 and sm90); the tables
+    are built on the host and copied without a sync."""
+    from pyfastrl.ops.prefix_attention import _resolve_tree
+
+    assert _resolve_tree("auto", torch.empty(1, 8, 64, device="cuda")) == "triton"
     parents, lengths = random_tree(random.Random(11), 4, 3, max_len=70)
     cpu = PrefixTreeLayout(parents, lengths)
     q, k, v = make_qkv(cpu.total_tokens, 8, 2, 64, torch.float32)

@@ -15,6 +15,10 @@ The programs are in ``triton_kernels.py``. Per call:
   Cost: two fp32 buffers of ``chunk rows x Hq x BLOCK_N x D`` (about ``T x Hq x D`` each, plus one
   key tile per extra chunk of a long group).
 
+Prefix trees (``PrefixTreeLayout``): the same kernels over the tables of ``tree_tables``; the forward
+and dQ read each query tile's key tiles from a list (``TREE``), dK/dV runs the group schedule over
+subtree query ranges.
+
 Soft-capping (``softcap = c > 0``): scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before the
 softmax, with the exact gradient. Sliding window (``window = W > 0``): a query at path position i
 sees key j of its own path only when ``i - pos(j) < W`` (transformers' definition). Path positions:
@@ -58,8 +62,9 @@ _QUERY_CHUNK = {"interpreter": 32, "sm80": 4096, "sm90": 4096}
 # with and without soft-capping and windows: no register spill, shared memory within 163 / 227 KB,
 # every dot on tensor cores (wgmma on sm_90a for bf16/fp16). fp32 has entries only where some
 # candidate down to 16 x 16 tiles compiled without spills. An entry with a fourth key element
-# ("window" or "softcap") replaces the plain one when that option is on (looked up in that order):
-# the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV tiles.
+# ("tree", "window" or "softcap") replaces the plain one when that option is on (looked up in that
+# order): the options keep extra keys x queries tiles live, which at D=256 spills the plain dK/dV
+# tiles; "tree" is the forward / dQ over a PrefixTreeLayout (key tiles read from a list).
 # To be re-ranked by timing on GPUs.
 _INTERPRETER_TILES = (16, 16, 1, 1)
 _GPU_TILES = {
@@ -71,6 +76,8 @@ _GPU_TILES = {
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 32, 4, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
         ("dkdv", 256, False, "window"): (32, 32, 8, 2), ("dkdv", 256, False, "softcap"): (32, 32, 8, 2),
+        # Trees read their key tiles from a list; fp32 then spills with two stages (8 B): one stage.
+        ("forward", 64, True, "tree"): (64, 32, 4, 1),
     },
     "sm90": {
         ("forward", 64, False): (128, 64, 8, 3), ("forward", 128, False): (128, 64, 8, 3),
@@ -82,6 +89,7 @@ _GPU_TILES = {
         ("dkdv", 256, False): (32, 64, 8, 2),
         ("forward", 64, True): (64, 64, 8, 2), ("dq", 64, True): (32, 32, 4, 2), ("dkdv", 64, True): (16, 16, 4, 1),
         ("dkdv", 256, False, "window"): (32, 32, 8, 2),  # mma.sync: every 64-key (wgmma) candidate spilled
+        ("forward", 64, True, "tree"): (64, 64, 8, 1),  # two stages: 255 registers and 32 B spill, one: 164
     },
 }
 
@@ -117,13 +125,15 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, device) -> str | None:
     )
 
 
-def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict) -> dict:
+def _launch_tiles(target: str, kernel: str, head_dim: int, dtype: torch.dtype, consts: dict,
+                  tree: bool = False) -> dict:
     if target == "interpreter":
         block_m, block_n, num_warps, num_stages = _INTERPRETER_TILES
     else:
         table = _GPU_TILES[target]
         key = (kernel, max(64, triton.next_power_of_2(head_dim)), dtype == torch.float32)
-        options = [name for name, on in (("window", consts["WINDOWED"]), ("softcap", consts["SOFTCAP"])) if on]
+        options = [name for name, on in (("tree", tree), ("window", consts["WINDOWED"]),
+                                         ("softcap", consts["SOFTCAP"])) if on]
         key = next((key + (name,) for name in options if key + (name,) in table), key)
         block_m, block_n, num_warps, num_stages = table[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
@@ -153,23 +163,55 @@ def _common(q: torch.Tensor, k: torch.Tensor, softcap: float, window: int, scale
     ), (score_in, score_out, int(window))
 
 
-def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int):
+def forward(q, k, v, query_blocks, scale: float, softcap: float, window: int, key_tiles=None):
     """Launch the forward. ``query_blocks`` = ``layout.query_blocks(block_sizes(D, device)[0])``;
+    for a ``PrefixTreeLayout``, ``query_blocks, key_tiles`` are the first two of ``tree_tables``.
     ``softcap`` 0.0 and ``window`` 0 mean off. Inputs need unit stride in the head dim. Returns
     ``out (T, Hq, D)`` and ``lse (Hq, T)`` fp32 (natural log)."""
     num_tokens, num_heads, head_dim = q.shape
     target = _target(q.device)
     consts, (score_in, score_out, window) = _common(q, k, softcap, window, scale)
-    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts)
-    split = _TABLE_BLOCKS[target][0] // tiles["BLOCK_M"]
+    tiles = _launch_tiles(target, "forward", head_dim, q.dtype, consts, tree=key_tiles is not None)
+    split = _split(target, 0, tiles, key_tiles)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_heads, num_tokens), dtype=torch.float32, device=q.device)
     tk.forward_kernel[(num_heads * query_blocks.shape[0] * split,)](
-        q, k, v, out, lse, query_blocks,
+        q, k, v, out, lse, query_blocks, query_blocks if key_tiles is None else key_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        num_tokens, score_in, score_out, window, SPLIT=split, **tiles, **consts,
+        num_tokens, score_in, score_out, window, SPLIT=split, TREE=key_tiles is not None, **tiles, **consts,
     )
     return out, lse
+
+
+def _split(target: str, table: int, tiles: dict, key_tiles) -> int:
+    """Programs per row of a forward (``table`` 0) or dQ (1) block table: a group table's rows hold
+    ``_TABLE_BLOCKS`` queries, split into ``BLOCK_M`` tiles; a tree table's rows are the tiles."""
+    return 1 if key_tiles is not None else _TABLE_BLOCKS[target][table] // tiles["BLOCK_M"]
+
+
+def tree_tables(layout, q: torch.Tensor, k: torch.Tensor, softcap: float, window: int) -> list[torch.Tensor]:
+    """The block tables of a ``PrefixTreeLayout`` for inputs like ``q``, ``k`` (dtype, head dim,
+    device) and these options, on ``layout.device``: ``[query_blocks, key_tiles, dq_blocks,
+    dq_key_tiles, dkdv_chunks, dkdv_reduce, positions]``. The forward and dQ tables are
+    ``layout.query_tiles`` at each kernel's launch tiles (a tree's key runs are not contiguous, so the
+    kernels read their key tiles from a list); dK/dV runs the group schedule on ``layout.key_blocks``
+    (a segment's subtree is contiguous) with path positions for the window. Built on the host and
+    copied to the device once per layout and configuration (no device sync)."""
+    target = _target(q.device)
+    consts, (_, _, window) = _common(q, k, softcap, window, 1.0)
+    fwd, dq = (_launch_tiles(target, name, q.shape[2], q.dtype, consts, tree=True) for name in ("forward", "dq"))
+    dkdv = _launch_tiles(target, "dkdv", q.shape[2], q.dtype, consts)
+    query_chunk = _QUERY_CHUNK[target]
+
+    def build():
+        chunks, reduce = _build_dkdv_schedule(layout.key_blocks(dkdv["BLOCK_N"]), dkdv["BLOCK_N"], dkdv["BLOCK_N"],
+                                              query_chunk)
+        return (*layout.query_tiles(fwd["BLOCK_M"], fwd["BLOCK_N"], window),
+                *layout.query_tiles(dq["BLOCK_M"], dq["BLOCK_N"], window), chunks, reduce,
+                layout.position_ids.to(torch.int32))
+
+    key = ("triton", fwd["BLOCK_M"], fwd["BLOCK_N"], dq["BLOCK_M"], dq["BLOCK_N"], dkdv["BLOCK_N"], query_chunk, window)
+    return list(layout.device_tables(key, build))
 
 
 # Schedules derived from the layout's tables, cached per table tensor (the layout keeps its tables
@@ -238,6 +280,26 @@ def _build_path_positions(dq_blocks, num_tokens):
 def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float, softcap: float, window: int):
     """Launch the backward; the block tables come from ``block_sizes(D, device)[1:]``, ``softcap``
     and ``window`` as in the forward. Returns ``(dq, dk, dv)`` in the inputs' dtype."""
+    target = _target(q.device)
+    consts, _ = _common(q, k, softcap, window, scale)
+    tiles = _launch_tiles(target, "dkdv", q.shape[2], q.dtype, consts)
+    chunks, reduce = _dkdv_schedule(dkdv_blocks, _TABLE_BLOCKS[target][2], tiles["BLOCK_N"], _QUERY_CHUNK[target])
+    positions = _path_positions(dq_blocks, q.shape[0]) if window > 0 else dq_blocks  # unread without a window
+    return _backward(grad_out, q, k, v, out, lse, dq_blocks, None, chunks, reduce, positions, scale, softcap, window)
+
+
+def tree_backward(grad_out, q, k, v, out, lse, tables, scale: float, softcap: float, window: int):
+    """``backward`` over a ``PrefixTreeLayout``: ``tables`` = ``tree_tables(layout, q, k, softcap, window)``."""
+    _, _, dq_blocks, dq_key_tiles, chunks, reduce, positions = tables
+    return _backward(grad_out, q, k, v, out, lse, dq_blocks, dq_key_tiles, chunks, reduce, positions,
+                     scale, softcap, window)
+
+
+def _backward(grad_out, q, k, v, out, lse, dq_blocks, dq_key_tiles, chunks, reduce, positions,
+              scale, softcap, window):
+    """The launches of the backward: delta, dQ over ``dq_blocks`` (and ``dq_key_tiles`` for a tree),
+    dK/dV over the chunk rows ``chunks`` and their reduction ``reduce`` (``_dkdv_schedule``), with
+    ``positions (T,)`` int32 the path positions (read with a window only)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     target = _target(q.device)
@@ -254,16 +316,15 @@ def backward(grad_out, q, k, v, out, lse, dq_blocks, dkdv_blocks, scale: float, 
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts)
-    split = _TABLE_BLOCKS[target][1] // tiles["BLOCK_M"]
+    tiles = _launch_tiles(target, "dq", head_dim, q.dtype, consts, tree=dq_key_tiles is not None)
+    split = _split(target, 1, tiles, dq_key_tiles)
     tk.dq_kernel[(num_heads * dq_blocks.shape[0] * split,)](
-        q, k, v, grad_out, lse, delta, dq, dq_blocks, *strides, dq.stride(0), dq.stride(1),
-        num_tokens, scale, score_in, score_out, window, SPLIT=split, **tiles, **consts,
+        q, k, v, grad_out, lse, delta, dq, dq_blocks, dq_blocks if dq_key_tiles is None else dq_key_tiles,
+        *strides, dq.stride(0), dq.stride(1), num_tokens, scale, score_in, score_out, window,
+        SPLIT=split, TREE=dq_key_tiles is not None, **tiles, **consts,
     )
 
     tiles = _launch_tiles(target, "dkdv", head_dim, q.dtype, consts)
-    chunks, reduce = _dkdv_schedule(dkdv_blocks, _TABLE_BLOCKS[target][2], tiles["BLOCK_N"], _QUERY_CHUNK[target])
-    positions = _path_positions(dq_blocks, num_tokens) if window > 0 else dq_blocks  # unread without a window
     part_shape = (chunks.shape[0], num_heads, tiles["BLOCK_N"], block_d)
     part_dk = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     part_dv = torch.empty(part_shape, dtype=torch.float32, device=q.device)

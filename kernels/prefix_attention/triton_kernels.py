@@ -14,6 +14,11 @@ Conventions shared by every program:
   row ``t`` and key ``j`` differ by ``t - j - shift`` with ``shift = suffix start - prefix end`` for a
   suffix row against its group's prefix keys and ``shift = 0`` within a segment; a key is in the
   window when that difference is below ``window``.
+* Prefix trees (``TREE``): a query tile's keys are its ancestors' segments, runs that are not
+  contiguous, each with its own ``shift``; the forward and dQ then take their key tiles, with
+  ``shift`` and the mask kind, from a host-built list (``PrefixTreeLayout.query_tiles``) inside the
+  same single loop. dK/dV needs no tree mode: a segment's keys are read by exactly the queries of
+  its subtree, a contiguous range in preorder, causally in packed index (``POS`` for the window).
 """
 from __future__ import annotations
 
@@ -106,10 +111,16 @@ def _key_runs(PHASE: tl.constexpr, q_start, q_end, causal_start, full_start, ful
 
 
 @triton.jit
-def _key_tile(i, q_start, q_end, causal_start, full_start, full_end, window,
-              WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Loop step ``i`` over the key tiles of phase 0 then phase 1 (see ``_key_runs``): the tile's
-    keys, its phase's ``hi``, ``shift`` and whether the tile needs the visibility mask."""
+def _key_tile(i, q_start, q_end, causal_start, full_start, full_end, window, KEY_TILES,
+              TREE: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Loop step ``i``: the tile's keys, its run's ``hi`` and ``shift``, whether the rows see the
+    keys causally (``own``) and whether the tile needs the visibility mask. Groups: phase 0 then
+    phase 1 of ``_key_runs``. Trees: row ``full_start + i`` of ``KEY_TILES`` (``PrefixTreeLayout.
+    query_tiles``: ``[key_start, key_end, shift, mask]``, mask 0 none, 1 range/window, 2 also causal)."""
+    if TREE:
+        tile = KEY_TILES + (full_start + i) * 4
+        mask = tl.load(tile + 3)
+        return tl.load(tile) + tl.arange(0, BLOCK_N), tl.load(tile + 1), tl.load(tile + 2), mask == 2, mask != 0
     lo0, hi0, shift0, first0, last0, tiles0 = _key_runs(0, q_start, q_end, causal_start, full_start, full_end,
                                                         window, WINDOWED, BLOCK_N)
     lo1, hi1, shift1, first1, last1, _ = _key_runs(1, q_start, q_end, causal_start, full_start, full_end,
@@ -123,7 +134,9 @@ def _key_tile(i, q_start, q_end, causal_start, full_start, full_end, window,
 
 @triton.jit
 def _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window,
-                   WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TREE: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    if TREE:  # the row's key tiles are KEY_TILES[full_start:full_end]
+        return full_end - full_start
     _, _, _, _, _, tiles0 = _key_runs(0, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
     _, _, _, _, _, tiles1 = _key_runs(1, q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
     return tiles0 + tiles1
@@ -140,12 +153,12 @@ def _visible(own, offs_m, offs_n, hi, shift, window, WINDOWED: tl.constexpr):
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, O, LSE, BLOCKS,
+    Q, K, V, O, LSE, BLOCKS, KEY_TILES,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_tokens, score_in, score_out, window,
     NUM_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TREE: tl.constexpr,
 ):
     head, _ = _pid_head_row(NUM_HEADS)
     q_start, q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_tile(
@@ -159,10 +172,11 @@ def forward_kernel(
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, TREE, WINDOWED,
+                                   BLOCK_N)
         for i in range(num_tiles):
             offs_n, hi, shift, own, masked = _key_tile(i, q_start, q_end, causal_start, full_start, full_end,
-                                                       window, WINDOWED, BLOCK_N)
+                                                       window, KEY_TILES, TREE, WINDOWED, BLOCK_N)
             n_valid = offs_n < hi
             kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid[None, :], MASK_D, True)
             s = _scores(q, kt, score_in, score_out, SOFTCAP, PRECISION, UPCAST)[0]
@@ -200,13 +214,13 @@ def delta_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BLOCKS,
+    Q, K, V, DO, LSE, DELTA, DQ, BLOCKS, KEY_TILES,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     num_tokens, scale, score_in, score_out, window,
     NUM_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TREE: tl.constexpr,
 ):
     head, _ = _pid_head_row(NUM_HEADS)
     q_start, q_end, causal_start, full_start, full_end, offs_m, offs_d, m_valid, d_valid, q = _query_tile(
@@ -222,10 +236,11 @@ def dq_kernel(
         v_base = V + kv_head * stride_vh + offs_d[:, None]
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, WINDOWED, BLOCK_N)
+        num_tiles = _num_key_tiles(q_start, q_end, causal_start, full_start, full_end, window, TREE, WINDOWED,
+                                   BLOCK_N)
         for i in range(num_tiles):
             offs_n, hi, shift, own, masked = _key_tile(i, q_start, q_end, causal_start, full_start, full_end,
-                                                       window, WINDOWED, BLOCK_N)
+                                                       window, KEY_TILES, TREE, WINDOWED, BLOCK_N)
             n_valid = offs_n[None, :] < hi
             kt = _load(k_base + offs_n[None, :] * stride_kt, d_valid[:, None], n_valid, MASK_D, True)
             vt = _load(v_base + offs_n[None, :] * stride_vt, d_valid[:, None], n_valid, MASK_D, True)

@@ -10,9 +10,9 @@ Each sequence is a conversation's path (system prompt, earlier turns, this reply
 its completion mask marks the tokens whose log-probs are wanted (the assistant's replies). The
 sequences are trie-compressed with ``PrefixTreeLayout.from_sequences`` (every common prefix packed
 once) and the ``"pyfastrl_prefix"`` attention function runs ``prefix_grouped_attention`` on the
-tree layout (torch backend). The log-prob of token j of a sequence is read from the logits at its
-token j-1, whose packed position is shared with every sequence through it: the values and
-gradients equal running every sequence on its own (``verify_tree_equivalence``).
+tree layout (Triton on CUDA, torch on CPU). The log-prob of token j of a sequence is read from the
+logits at its token j-1, whose packed position is shared with every sequence through it: the
+values and gradients equal running every sequence on its own (``verify_tree_equivalence``).
 
 The names here are re-exported by ``pyfastrl.integrations.transformers``.
 """

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from pyfastrl._backend import BACKENDS, require_device, resolve_backend
+from pyfastrl._backend import require_device, resolve_backend
 from pyfastrl.kernels.prefix_attention import reference
 from pyfastrl.ops._attention_checks import check_qkv, largest_element_offset, positive_finite, window_length
 from pyfastrl.layout import PrefixGroupLayout
 from pyfastrl.tree_layout import PrefixTreeLayout
 
 _OP = "prefix_grouped_attention"
+# The op's name for backend resolution with a PrefixTreeLayout: not one of the ops with a flash backend.
+_TREE_OP = f"{_OP} (tree layout)"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -26,10 +28,10 @@ def _triton_kernels():
     return kernel
 
 
-def _tree_attention(q, k, v, layout, scale, cap, window):
+def _tree_attention(q, k, v, layout, scale, cap, window, backend):
     from pyfastrl.ops._prefix_tree_attention import tree_attention
 
-    return tree_attention(q, k, v, layout, scale, cap, window)
+    return tree_attention(q, k, v, layout, scale, cap, window, backend)
 
 
 def _flash():
@@ -157,24 +159,24 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             )
 
 
-def _resolve_tree(requested) -> str:
-    """The backend for a ``PrefixTreeLayout``: only ``"torch"`` runs trees for now (``"auto"`` and
-    ``PYFASTRL_BACKEND`` included)."""
-    if requested not in BACKENDS:
-        raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {requested!r}")
-    if requested not in ("auto", "torch"):
+def _resolve_tree(requested: str, q: torch.Tensor) -> str:
+    """The backend for a ``PrefixTreeLayout``: ``"torch"`` or ``"triton"``. ``"flash"`` and ``"cuda"``
+    do not take trees; ``"auto"`` (and ``PYFASTRL_BACKEND``) resolve as for an op without a flash
+    backend: Triton for CUDA tensors (``"torch"`` for inputs its kernels refuse), else PyTorch."""
+    if requested in ("flash", "cuda"):
         raise ValueError(
-            f"{_OP}: backend {requested!r} does not take a PrefixTreeLayout yet; tree layouts run on "
-            "backend='torch' (or 'auto') for now"
+            f"{_OP}: backend {requested!r} does not take a PrefixTreeLayout; tree layouts run on "
+            "backend='triton' or backend='torch' (or 'auto')"
         )
-    return "torch"
+    return _resolve(requested, q, op=_TREE_OP)
 
 
-def _resolve(requested: str, q: torch.Tensor, softcap, sliding_window) -> str:
-    """The backend that runs: ``resolve_backend``'s choice, except that ``"auto"`` sends inputs the
-    Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to ``"torch"``."""
+def _resolve(requested: str, q: torch.Tensor, softcap=None, sliding_window=None, op: str = _OP) -> str:
+    """The backend that runs: ``resolve_backend``'s choice for ``op``, except that ``"auto"`` sends
+    inputs the Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to
+    ``"torch"``."""
     head_dim = q.shape[-1] if q.dim() else None
-    backend = resolve_backend(_OP, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
+    backend = resolve_backend(op, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
                               sliding_window=sliding_window, check_device=False)
     if (requested == "auto" and backend == "triton" and q.dim() == 3
             and _triton_kernels().unsupported_reason(q.dtype, head_dim, q.device) is not None):
@@ -204,7 +206,9 @@ def prefix_grouped_attention(
     With a ``PrefixTreeLayout`` (prompts shared at several levels) each token attends to every
     token of its ancestor segments and causally within its own segment: values and gradients equal
     running every root-to-leaf path as its own causal sequence, the gradients of shared tokens
-    summed over the paths through them. Tree layouts run on the torch backend only for now.
+    summed over the paths through them. Tree layouts run on the torch and triton backends (``"auto"``
+    picks Triton for CUDA tensors, as for a group layout with soft-capping or a window; the flash
+    backend refuses trees).
 
     Args:
         q: ``(T, Hq, D)`` queries, T = ``layout.total_tokens``.
@@ -225,8 +229,9 @@ def prefix_grouped_attention(
         backend: ``"auto"`` (see ``pyfastrl._backend``: ``"flash"`` on CPU and, where its kernels
             take the inputs, on CUDA; else Triton on CUDA; ``"torch"`` with soft-capping or a
             sliding window on CPU, and for inputs the Triton kernels refuse; ``PYFASTRL_BACKEND``
-            overrides), ``"torch"``, ``"triton"`` or ``"flash"`` (FlashAttention-style kernels
-            composed: CUDA fp16/bf16 with head dims multiple of 8 up to 256; CPU
+            overrides; for a tree layout as with a window: Triton on CUDA, else ``"torch"``),
+            ``"torch"``, ``"triton"`` or ``"flash"`` (group layouts only; FlashAttention-style
+            kernels composed: CUDA fp16/bf16 with head dims multiple of 8 up to 256; CPU
             fp16/bf16/fp32/fp64; no soft-capping or sliding window).
 
     Returns:
@@ -235,7 +240,7 @@ def prefix_grouped_attention(
     # The backend name must be settled before the checks that depend on it.
     tree = isinstance(layout, PrefixTreeLayout)
     if isinstance(q, torch.Tensor):
-        backend = _resolve_tree(backend) if tree else _resolve(backend, q, softcap, sliding_window)
+        backend = _resolve_tree(backend, q) if tree else _resolve(backend, q, softcap, sliding_window)
     _check_inputs(q, k, v, layout, backend)
     require_device(_OP, backend, q.device)  # after the argument checks: those errors come first anywhere
     head_dim = q.shape[2]
@@ -244,7 +249,7 @@ def prefix_grouped_attention(
     window = 0 if sliding_window is None else window_length(_OP, "sliding_window", sliding_window)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if tree:
-        return _tree_attention(q, k, v, layout, scale, cap, window)
+        return _tree_attention(q, k, v, layout, scale, cap, window, backend)
 
     if backend == "triton":
         block_fwd, block_dq, block_dkdv = _triton_kernels().block_sizes(head_dim, q.device)
