@@ -264,6 +264,22 @@ def test_auto_picks_triton_for_trees_where_it_does_for_groups(monkeypatch, env):
     assert bool(built) == (group_backend == "triton")
 
 
+
+def test_auto_sends_head_dims_the_triton_kernels_refuse_to_torch(monkeypatch):
+    """Where auto picks Triton for trees (CUDA, or the override), a head dim its kernels refuse
+    (not a multiple of 16) runs on torch instead of raising; asked for explicitly, it is an error."""
+    from pyfastrl.ops.prefix_attention import _resolve_tree
+
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    assert _resolve_tree("auto", torch.randn(7, 2, 16)) == "triton"
+    assert _resolve_tree("auto", torch.randn(7, 2, 24)) == "torch"
+    layout = PrefixTreeLayout([-1, 0, 0], [3, 2, 2])
+    q, k, v = make_qkv(layout.total_tokens, 2, 1, 24, torch.float64)
+    out = prefix_grouped_attention(q, k, v, layout)
+    torch.testing.assert_close(out, prefix_grouped_attention(q, k, v, layout, backend="torch"))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        prefix_grouped_attention(q.float(), k.float(), v.float(), layout, backend="triton")
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_custom_op_opcheck_and_compile(backend):
     from pyfastrl.kernels.prefix_attention import kernel

@@ -196,8 +196,9 @@ def test_the_command_trains_the_builtin_job_with_lla(tmp_path, capsys):
     ridges = [w for name, w in weights.items() if name.endswith("local_linear_attention.log_ridge")]
     assert len(ridges) == 2 and all(torch.isfinite(w).all() and (w - math.log(2.0)).abs().max() < 0.1
                                     for w in ridges)
-    # Resuming it with a softmax model is refused (the same config, grouping off, so the attention decides).
-    assert main(["train", "--no-grouping", "--output-dir", str(out), "--max-steps", "2", "--warm-up-steps", "0",
+    # Resuming it without --attention lla is refused naming the attention (before the config's other
+    # differences: --attention lla also turned grouping off).
+    assert main(["train", "--output-dir", str(out), "--max-steps", "2", "--warm-up-steps", "0",
                  "--config", str(tmp_path / "small.toml"), "--resume"]) == 2
     assert "the checkpoint's policy ran 'pyfastrl_lla' attention, this model runs 'pyfastrl_prefix'" in \
         capsys.readouterr().err
@@ -243,3 +244,13 @@ def test_saved_lambdas_come_back_with_load_local_linear_attention(tmp_path):
         smaller.model.layers = smaller.model.layers[:1]
     with pytest.raises(ValueError, match="does not match the model's LLA layers"):
         transformers_lla.load_local_linear_attention(enable_local_linear_attention(smaller), tmp_path / "saved")
+
+
+def test_the_multi_turn_warm_up_runs_an_lla_model():
+    """``pyfastrl train --task multi-turn --attention lla``'s warm-up: prompts of unequal lengths, no
+    right-padding mask (which local linear attention refuses)."""
+    rows = default_task.build_conversations(seed=0)[:8]
+    assert len({len(row["prompt"]) if isinstance(row["prompt"], str) else len(str(row["prompt"])) for row in rows}) > 1
+    losses = default_task.warm_up(_lla_model(), default_task.build_tokenizer(), rows, steps=1, batch_size=4,
+                                  completion_length=2)
+    assert len(losses) == 1 and math.isfinite(losses[0])

@@ -182,3 +182,22 @@ def test_compare_grouping_compares_one_level_grouped_batches(tmp_path, capsys):
     prompts, _ = next(trainer._micro_batches(trainer.rollout))  # a conversation, stored grouped
     assert isinstance(trainer._build_batch(trainer.rollout.prompt_ids[prompts], trainer.rollout.completion_ids[prompts]),
                       GroupedBatch)
+
+
+def test_only_prompts_sharing_more_than_themselves_make_a_tree():
+    """Completions of unrelated prompts that merely start alike keep the grouped batch; prompts that
+    share a prefix (or repeat) make a tree, which then also shares the completions' first tokens."""
+    from pyfastrl.trainer import batches
+
+    def build(prompts, completions):
+        return batches.build_micro_batch([torch.tensor(p) for p in prompts],
+                                         [[torch.tensor(c) for c in group] for group in completions], grouped=True,
+                                         use_prefix_tree=True, padding_side="right", pad_token_id=0, device="cpu")
+
+    alike = [[7, 8, 9], [7, 5]]  # every completion starts with 7
+    assert isinstance(build([[1, 2, 3], [4, 5, 6]], [alike, alike]), GroupedBatch)
+    shared = build([[1, 2, 3], [1, 2, 3, 4, 5]], [alike, alike])
+    assert isinstance(shared, TreeBatch)
+    assert batches.stored_tokens(shared) == 5 + 4 + 4 < grouped_tokens(
+        [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3, 4, 5])], [[torch.tensor(c) for c in alike]] * 2)
+    assert isinstance(build([[1, 2, 3], [1, 2, 3]], [alike, alike]), TreeBatch)  # identical prompts

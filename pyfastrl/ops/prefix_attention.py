@@ -173,14 +173,16 @@ def _resolve_tree(requested: str, q: torch.Tensor) -> str:
 
 def _resolve(requested: str, q: torch.Tensor, softcap=None, sliding_window=None, op: str = _OP) -> str:
     """The backend that runs: ``resolve_backend``'s choice for ``op``, except that ``"auto"`` sends
-    inputs the Triton kernels refuse (fp32 at head dims with no spill-free tile on this GPU) to
-    ``"torch"``."""
+    inputs the Triton kernels refuse (a head dim not a multiple of 16 or above their maximum, fp32 at
+    head dims with no spill-free tile on this GPU) to ``"torch"``."""
     head_dim = q.shape[-1] if q.dim() else None
     backend = resolve_backend(op, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
                               sliding_window=sliding_window, check_device=False)
-    if (requested == "auto" and backend == "triton" and q.dim() == 3
-            and _triton_kernels().unsupported_reason(q.dtype, head_dim, q.device) is not None):
-        return "torch"
+    if requested == "auto" and backend == "triton" and q.dim() == 3:
+        kernel = _triton_kernels()
+        if (head_dim % 16 or head_dim > kernel.MAX_HEAD_DIM
+                or kernel.unsupported_reason(q.dtype, head_dim, q.device) is not None):
+            return "torch"
     return backend
 
 

@@ -3,10 +3,10 @@
 A micro-batch of whole groups (prompt i with its completions) is built as:
 - the repeated-prompt batch (``use_prefix_grouping=False``, or a local-linear-attention policy):
   one padded row per completion;
-- a prefix-tree batch (``use_prefix_tree``) when its trie stores fewer tokens than the one-level
-  grouped batch: prompts sharing more than themselves with each other (a conversation's successive
-  turns, whose earlier turns are a shared path; identical prompts in different groups) and
-  completions sharing their first tokens are stored once;
+- a prefix-tree batch (``use_prefix_tree``) when the micro-batch's prompts share more than
+  themselves with each other (a conversation's successive turns, whose earlier turns are a shared
+  path; identical prompts in different groups): the trie of every sequence stores each shared
+  prefix once, completions' common first tokens included;
 - else the prefix-grouped batch: each prompt once, followed by its completions.
 
 Which rows share a micro-batch: a rollout takes ``prompts_per_step`` rows of a seeded permutation
@@ -56,12 +56,13 @@ def build_micro_batch(prompt_ids: list, completion_ids: list, *, grouped: bool, 
     if not grouped:
         return pft.build_repeated_batch(prompt_ids, completion_ids, padding_side=padding_side,
                                         pad_token_id=pad_token_id, device=device)
-    if use_prefix_tree:
-        sequences = _sequences(prompt_ids, completion_ids)
-        if PrefixTreeLayout.packed_token_count(sequences) < grouped_tokens(prompt_ids, completion_ids):
-            masks = [torch.cat([torch.zeros(p.numel(), dtype=torch.bool), torch.ones(c.numel(), dtype=torch.bool)])
-                     for p, group in zip(prompt_ids, completion_ids) for c in group]
-            return pft.build_tree_batch(sequences, masks, device=device)
+    # Only prompts that share more than themselves make a tree: completions of unrelated prompts that
+    # merely start alike ("<think>", "To ...") would otherwise move nearly every micro-batch off the
+    # grouped kernels for a few tokens (the tree then shares those too).
+    if use_prefix_tree and PrefixTreeLayout.packed_token_count(prompt_ids) < sum(p.numel() for p in prompt_ids):
+        masks = [torch.cat([torch.zeros(p.numel(), dtype=torch.bool), torch.ones(c.numel(), dtype=torch.bool)])
+                 for p, group in zip(prompt_ids, completion_ids) for c in group]
+        return pft.build_tree_batch(_sequences(prompt_ids, completion_ids), masks, device=device)
     return pft.build_grouped_batch(prompt_ids, completion_ids, device=device)
 
 

@@ -70,7 +70,7 @@ class GRPOConfig:
     # always runs (left-padded) repeated batches (pyfastrl.trainer.attention).
     use_prefix_grouping: bool = True
     # With use_prefix_grouping: a micro-batch whose prompts share more than themselves (a conversation's
-    # earlier turns) is stored as a prefix tree when that holds fewer tokens (trainer/batches.py).
+    # earlier turns, identical prompts) is stored as a prefix tree (trainer/batches.py).
     use_prefix_tree: bool = True
     backend: str = "auto"  # op backend for the loss (see pyfastrl._backend)
     dtype: str = "float32"  # model dtype

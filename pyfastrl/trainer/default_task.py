@@ -148,17 +148,16 @@ def warm_up(model, tokenizer, dataset: list, *, steps: int = WARM_UP_STEPS, batc
         rows = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
         answers = letter_ids[torch.randint(len(TARGET_LETTERS), (batch_size,), generator=g)]
         completion = answers[:, None].expand(-1, completion_length)
-        # Right-padded [prompt ; answer] rows (the multi-turn prompts differ in length): the loss is
-        # on the answers only, and padding after a row's end changes nothing before it.
+        # Right-padded [prompt ; answer] rows (the multi-turn prompts differ in length) and no
+        # attention mask: the loss is on the answers only, and in a causal model padding after a
+        # row's end changes nothing before it (an LLA model also refuses right-padding masks).
         lengths = torch.tensor([prompt_ids[i].numel() for i in rows])
         input_ids = torch.nn.utils.rnn.pad_sequence([torch.cat([prompt_ids[i], c]) for i, c in zip(rows, completion)],
                                                     batch_first=True, padding_value=tokenizer.pad_token_id)
         columns = torch.arange(input_ids.shape[1])
         answer = (columns >= lengths[:, None]) & (columns < lengths[:, None] + completion_length)
         labels = input_ids.masked_fill(~answer, -100)
-        padded = {} if bool((lengths == lengths[0]).all()) else {
-            "attention_mask": (columns < lengths[:, None] + completion_length).long().to(device)}
-        loss = model(input_ids=input_ids.to(device), labels=labels.to(device), **padded).loss
+        loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

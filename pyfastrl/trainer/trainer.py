@@ -524,16 +524,18 @@ class GRPOTrainer:
         if not os.path.isfile(state_path):
             raise ValueError(f"resume: {checkpoint} is not a pyfastrl checkpoint (no trainer_state.pt)")
         state = torch.load(state_path, weights_only=False)
+        # The attention first: a run with the other attention also differs in use_prefix_grouping
+        # (pyfastrl train sets it off for LLA), which would otherwise hide the real cause.
+        saved_attention = state.get("attention", pft.ATTN_IMPLEMENTATION)  # written before LLA policies: softmax
+        if saved_attention != self.attention:
+            raise ValueError(f"resume: the checkpoint's policy ran {saved_attention!r} attention, this model runs "
+                             f"{self.attention!r} (pyfastrl train: the same --attention as the run)")
         different = self.config.differences(state["config"])
         if different:
             raise ValueError("resume: the checkpoint was written with another config: " + "; ".join(different))
         if state["world_size"] != self.world_size:
             raise ValueError(f"resume: the checkpoint was written by {state['world_size']} process(es), this run "
                              f"has {self.world_size}; each process's rollout and RNG are part of the state")
-        saved_attention = state.get("attention", pft.ATTN_IMPLEMENTATION)  # written before LLA policies: softmax
-        if saved_attention != self.attention:
-            raise ValueError(f"resume: the checkpoint's policy ran {saved_attention!r} attention, this model runs "
-                             f"{self.attention!r} (pyfastrl train: the same --attention as the run)")
         later = [path for step, path in _checkpoints(directory) if step > state["step"]]
         if later:
             raise ValueError(f"resume: resuming from step {state['step']} would overwrite the later checkpoints "
