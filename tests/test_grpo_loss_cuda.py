@@ -11,6 +11,7 @@
   gradient), padded and packed, fp32 and bf16 log-probs, long rows, rewards normalised by the
   kernel; ``grpo_advantages(..., backend="cuda")`` against ``"torch"``; no host sync.
 """
+import contextlib
 import ctypes
 
 import pytest
@@ -221,7 +222,7 @@ def host_binding(host, monkeypatch):
 
     monkeypatch.setattr(grpo_cuda.cuda_extension, "module", lambda: type("Host", (), {"grpo_advantages": launch}))
     monkeypatch.setattr(grpo_cuda, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(grpo_cuda, "_stream", lambda device: 0)
+    monkeypatch.setattr(grpo_cuda, "_launching_on", lambda device: contextlib.nullcontext(0))
 
 
 @pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)

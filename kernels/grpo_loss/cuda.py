@@ -19,6 +19,8 @@ get exactly 0); ``"batch"`` scaling runs a one-block kernel over the whole batch
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pyfastrl.kernels import cuda_extension
@@ -65,8 +67,12 @@ def _workspace(num_tokens: int, num_rows: int, device) -> tuple[torch.Tensor, to
     return segments, torch.empty(num_rows, dtype=torch.float32, device=device)
 
 
-def _stream(device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+@contextlib.contextmanager
+def _launching_on(device):
+    """The current stream of ``device``, with ``device`` the current device while the kernels launch
+    (they launch on the current one, which need not be the tensors')."""
+    with torch.cuda.device(device):
+        yield torch.cuda.current_stream(device).cuda_stream
 
 
 def loss_forward(logp, old, ref, weight, mask, cu_seqlens, advantages, opts: LossOptions) -> torch.Tensor:
@@ -77,10 +83,11 @@ def loss_forward(logp, old, ref, weight, mask, cu_seqlens, advantages, opts: Los
         return partials
     tensors, ptr = _inputs(logp, old, ref, weight, mask, cu_seqlens, advantages)
     segments, row_log_ratio = _workspace(logp.numel(), num_rows, logp.device)
-    cuda_extension.module().grpo_loss_forward(
-        cuda_extension.DTYPE_CODES[logp.dtype], ptr["logp"], ptr["old"], ptr["ref"], ptr["weight"], ptr["mask"],
-        ptr["advantages"], ptr["cu"], logp.numel(), num_rows, *_params(opts), segments.data_ptr(),
-        row_log_ratio.data_ptr(), partials.data_ptr(), _stream(logp.device))
+    with _launching_on(logp.device) as stream:
+        cuda_extension.module().grpo_loss_forward(
+            cuda_extension.DTYPE_CODES[logp.dtype], ptr["logp"], ptr["old"], ptr["ref"], ptr["weight"], ptr["mask"],
+            ptr["advantages"], ptr["cu"], logp.numel(), num_rows, *_params(opts), segments.data_ptr(),
+            row_log_ratio.data_ptr(), partials.data_ptr(), stream)
     return partials
 
 
@@ -94,10 +101,11 @@ def loss_backward(row_grad, logp, old, ref, weight, mask, cu_seqlens, advantages
     row_grad = row_grad.to(torch.float32).contiguous()
     segments, row_log_ratio = _workspace(logp.numel(), num_rows, logp.device)
     row_via = torch.empty_like(row_log_ratio)
-    cuda_extension.module().grpo_loss_backward(
-        cuda_extension.DTYPE_CODES[logp.dtype], row_grad.data_ptr(), ptr["logp"], ptr["old"], ptr["ref"],
-        ptr["weight"], ptr["mask"], ptr["advantages"], ptr["cu"], logp.numel(), num_rows, *_params(opts),
-        segments.data_ptr(), row_log_ratio.data_ptr(), row_via.data_ptr(), dlogp.data_ptr(), _stream(logp.device))
+    with _launching_on(logp.device) as stream:
+        cuda_extension.module().grpo_loss_backward(
+            cuda_extension.DTYPE_CODES[logp.dtype], row_grad.data_ptr(), ptr["logp"], ptr["old"], ptr["ref"],
+            ptr["weight"], ptr["mask"], ptr["advantages"], ptr["cu"], logp.numel(), num_rows, *_params(opts),
+            segments.data_ptr(), row_log_ratio.data_ptr(), row_via.data_ptr(), dlogp.data_ptr(), stream)
     return dlogp
 
 
@@ -119,8 +127,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None, group_index:
     out = torch.empty_like(rewards)
     order, offsets = (None, None) if group_size is not None else group_order(group_index, num_groups)
     batch_stats = torch.empty(4, dtype=torch.float64, device=rewards.device)  # RewardStats of the batch
-    cuda_extension.module().grpo_advantages(
-        rewards.data_ptr(), 0 if order is None else order.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
-        group_size or 0, rewards.numel(), num_groups, ADVANTAGE_SCALES.index(scale), float(eps),
-        batch_stats.data_ptr(), out.data_ptr(), _stream(rewards.device))
+    with _launching_on(rewards.device) as stream:
+        cuda_extension.module().grpo_advantages(
+            rewards.data_ptr(), 0 if order is None else order.data_ptr(), 0 if offsets is None else offsets.data_ptr(),
+            group_size or 0, rewards.numel(), num_groups, ADVANTAGE_SCALES.index(scale), float(eps),
+            batch_stats.data_ptr(), out.data_ptr(), stream)
     return out

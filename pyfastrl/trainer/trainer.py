@@ -42,6 +42,7 @@ from pyfastrl.ops.fused_linear_grpo_loss import fused_linear_grpo_loss
 from pyfastrl.trainer import batches
 from pyfastrl.trainer.attention import batch_layout, policy_attention
 from pyfastrl.trainer.config import GRPOConfig
+from pyfastrl.trainer.plot import write_plot
 from pyfastrl.trainer.prompts import check_prompt, encode_prompt, reward_completions
 
 METRICS_FILE = "metrics.jsonl"
@@ -581,25 +582,3 @@ def _refuse_existing_run(directory: str) -> None:
     if existing:
         raise FileExistsError(f"{directory} already holds a run ({', '.join(existing[:3])}); resume it "
                               "(--resume / resume_from_checkpoint=True) or choose another output directory")
-
-
-def write_plot(history: list, path: str) -> str | None:
-    """Reward, KL and step time per step as a PNG; None (after saying why) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
-        return None
-    steps = [r["step"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ("reward", "kl", "step_time"), ("mean reward", "KL to reference", "step time (s)")):
-        ax.plot(steps, [r[key] for r in history])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
