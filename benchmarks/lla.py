@@ -23,7 +23,7 @@
    With --cpu: T in {64, 128}, D = 16, 2 heads, fp32; the torch backend against SDPA's CPU kernel.
 3. Decode (GPU only; with --cpu skipped, the reason recorded in the report's config): one generation
    step for a batch of 8 sequences, 16 heads, bf16, lambda = 1, cache lengths L in {1024, 4096,
-   16384, 32768} (quick: 1024, 16384), D in {64, 128}: ms per step (one new token per sequence) of
+   16384, 32768} (quick: 1024, 32768: the ends of the range), D in {64, 128}: ms per step (one new token per sequence) of
      pyfastrl_decode       local_linear_attention_decode, Triton backend
      pyfastrl_decode_cuda  the same, the CUDA extension's kernel (csrc/lla_decode; where it is built)
      sdpa_decode           softmax attention of the new query over the cache, SDPA (flash)
@@ -157,7 +157,7 @@ def decode_cases(runner: harness.Runner) -> list:
     """Section 3 of the module docstring: one decoding step, LLA against softmax (SDPA flash)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    grid = [(n, d) for n in ((1024, 16384) if runner.quick else DECODE_LENGTHS) for d in (64, 128)]
+    grid = [(n, d) for n in ((1024, 32768) if runner.quick else DECODE_LENGTHS) for d in (64, 128)]
     cases = []
     for index, (length, head_dim) in enumerate(grid):
         harness.progress(index, len(grid), f"decode L={length} D={head_dim}")
