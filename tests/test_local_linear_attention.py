@@ -498,7 +498,11 @@ def test_triton_half_precision_gpu_tiles_are_accurate_on_offset_keys(target, dty
         k = offset_keys(k, 100.0)
         ridge = torch.full((2,), 1e-2, device=DEVICE)
         grad_out = torch.randn_like(q)
-        got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-7)
+        # A solve tolerance the fp32 CG reaches on these keys (1e-7 ran out of iterations in fp16)
+        # and far below the 16-bit outputs' own error; any unconverged-solve warning fails the test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-5)
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 16**-0.5), TOLERANCE[dtype])
 
 
