@@ -96,6 +96,8 @@ def test_a_conversation_shares_a_micro_batch_and_its_earlier_turns_are_stored_on
             conversation = rows[start:start + per_micro_batch]
             ids = [encode_prompt(tokenizer, row["prompt"]) for row in conversation]
             assert all(later[:len(ids[k])] == ids[k] for k, later in enumerate(ids[1:]))  # turn k's prompt: a prefix
+            # and ends with the letter it asks for (as the letter task's prompts do: what the tiny model learns)
+            assert all(tokenizer.decode(i).endswith(f"Character: {row['letter']}") for i, row in zip(ids, conversation))
     # Completions starting with tokens no prompt continues with: the tree holds the last turn's prompt once.
     prompt_ids = [torch.tensor(i) for i in ids]
     g = trainer.config.num_generations
@@ -127,7 +129,10 @@ def test_conversational_prompts(tmp_path):
     tokenizer = default_task.build_tokenizer()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Character: b"}]
     ids = encode_prompt(tokenizer, messages)
-    assert tokenizer.decode(ids) == "system: Be brief.\nuser: Character: b\nassistant: "
+    assert tokenizer.decode(ids) == "system: Be brief.\nuser: Character: b"  # the letter last, as in the letter task
+    answered = messages + [{"role": "assistant", "content": "bb"}, {"role": "user", "content": "Character: c"}]
+    rendered = tokenizer.decode(encode_prompt(tokenizer, answered))
+    assert rendered == "system: Be brief.\nuser: Character: bbb\nuser: Character: c"  # the reply runs on
     assert encode_prompt(tokenizer, "abc") == tokenizer("abc", add_special_tokens=False)["input_ids"]
     assert default_task.letter_reward(None, [[{"role": "assistant", "content": "bbx"}], "bb"], ["b", "b"]) == [2 / 3, 1]
 

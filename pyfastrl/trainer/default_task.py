@@ -12,11 +12,12 @@ completions: exactly what prefix grouping saves.
 
 The multi-turn variant (``pyfastrl train --task multi-turn``): conversations of TURNS user turns,
 each naming a letter; a conversation is TURNS consecutive rows, row k its first k turns (the earlier
-ones answered correctly) as a TRL conversational prompt, rendered by the tokenizer's chat template.
-The rows of a conversation share one micro-batch (``multi_turn_config``), and each row's prompt is a
-prefix of the next one's: the prefix-tree batch stores the conversation's earlier turns once. The
-tiny model does not learn this variant in 60 steps (reward about 1/4 throughout: the letter sits 13
-characters before the end, behind the other turns' letters); it exercises the batch layouts.
+ones answered correctly) as a TRL conversational prompt, rendered by the tokenizer's chat template,
+which ends the prompt with the turn's letter as the letter task does. The rows of a conversation
+share one micro-batch (``multi_turn_config``), and each row's prompt is a prefix of the next one's:
+the prefix-tree batch stores the conversation's earlier turns once. The same recipe learns it: the
+warmed-up model scores about 0.6 here (its first answer letter is the prompt's one more than half
+the time, against 1/4 on the letter task), GRPO about 1 after 60 steps.
 """
 from __future__ import annotations
 
@@ -36,18 +37,24 @@ INSTRUCTION = (
 TURNS = 4  # user turns per conversation in the multi-turn task
 SYSTEM_MESSAGE = ("You are a careful assistant. In every turn the user names one character; answer with that "
                   "character repeated, with no spaces, no punctuation and nothing else.")
-# "role: content" lines; the generation prompt is how an assistant line starts, so a rendered
-# conversation is a prefix of its continuation's.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
+# "role: content" lines, except that a user line runs on into the assistant's reply (an empty
+# generation prompt): the turn's letter is the prompt's last token, as in the letter task, and a
+# rendered conversation is a prefix of its continuation's. (With "\nassistant: " after the letter the
+# tiny model stayed at reward 1/4 over the 60 steps; with one character after it, it ended at 0.39.)
+CHAT_TEMPLATE = ("{% for message in messages %}"
+                 "{% if message['role'] == 'assistant' %}{{ message['content'] + '\\n' }}"
+                 "{% elif message['role'] == 'user' %}{{ 'user: ' + message['content'] }}"
+                 "{% else %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endif %}"
+                 "{% endfor %}")
 _SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 _CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 
 def build_tokenizer():
     """A character-level ``PreTrainedTokenizerFast`` (100 tokens: pad 0, bos 1, eos 2, unk 3, then
-    letters, digits, punctuation, space and newline) with CHAT_TEMPLATE; ``save_pretrained`` makes it
-    loadable by ``AutoTokenizer``."""
+    letters, digits, punctuation, space and newline) with CHAT_TEMPLATE (a conversation renders as
+    ``"system: S\\nuser: Character: a"``, the reply following the user's text directly);
+    ``save_pretrained`` makes it loadable by ``AutoTokenizer``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -134,9 +141,9 @@ def warm_up(model, tokenizer, dataset: list, *, steps: int = WARM_UP_STEPS, batc
     """Supervised warm-up on the task's format only (AdamW on the completion tokens' cross-entropy):
     after each prompt of ``dataset``, one letter of TARGET_LETTERS drawn at random (not the
     prompt's) repeated ``completion_length`` times (the sampling limit, so no EOS is taught). The
-    model learns to answer with one target letter repeated, a reward of about 1/len(TARGET_LETTERS);
-    which letter the prompt asks for is left to GRPO. Deterministic given ``seed``. Returns each
-    step's loss."""
+    model learns to answer with one target letter repeated, a reward of about 1/len(TARGET_LETTERS)
+    on the letter task (about 0.6 on the multi-turn one); which letter the prompt asks for is left
+    to GRPO. Deterministic given ``seed``. Returns each step's loss."""
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(TARGET_LETTERS)))
