@@ -208,3 +208,18 @@ def test_cli_turns_needs_tree(capsys):
         main(["verify", "--turns", "2"])
     assert exit_info.value.code == 2
     assert "--turns applies to --tree only" in capsys.readouterr().err
+
+
+def test_tree_batch_on_the_triton_kernels_equals_per_sequence_batch(monkeypatch):
+    """The model path with the tree attention on the Triton kernels (the interpreter here; what
+    ``auto`` runs on CUDA): log-probs and every parameter gradient equal each sequence run alone."""
+    from pyfastrl._backend import BACKEND_ENV
+    from pyfastrl.kernels.prefix_attention import kernel
+
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    launched = []
+    monkeypatch.setattr(kernel, "tree_tables", lambda *args, real=kernel.tree_tables: launched.append(1) or real(*args))
+    report = pft.verify_tree_equivalence("tiny-llama", dtype=torch.float32, num_conversations=2, turns=2,
+                                         samples_per_turn=2, prompt_len=6, turn_len=4, device="cpu")
+    assert launched, "the tree attention did not run on the Triton backend"
+    assert report.passed, report.summary()
