@@ -206,3 +206,16 @@ def test_only_prompts_sharing_more_than_themselves_make_a_tree():
     assert batches.stored_tokens(shared) == 5 + 4 + 4 < grouped_tokens(
         [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3, 4, 5])], [[torch.tensor(c) for c in alike]] * 2)
     assert isinstance(build([[1, 2, 3], [1, 2, 3]], [alike, alike]), TreeBatch)  # identical prompts
+
+
+def test_a_rollouts_micro_batches_are_built_once(tmp_path, monkeypatch):
+    """Old and reference log-probs and every update of a reused rollout share its micro-batches (a
+    tree's trie and kernel tables are not rebuilt); the next rollout builds its own."""
+    from pyfastrl.trainer import batches
+
+    built = []
+    real = batches.build_micro_batch
+    monkeypatch.setattr(batches, "build_micro_batch", lambda *a, **k: built.append(1) or real(*a, **k))
+    trainer = _trainer(tmp_path, max_steps=4, num_iterations=2, beta=0.04)
+    trainer.train()
+    assert len(built) == 2 * 2  # two rollouts of two micro-batches; 4 updates, 2 x (old + ref) log-prob passes

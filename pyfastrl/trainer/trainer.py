@@ -206,6 +206,7 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.rollout: Rollout | None = None
+        self._batches_of, self._batches = None, []  # see _built_batches
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------ set-up
@@ -324,11 +325,20 @@ class GRPOTrainer:
                                          padding_side=self.padding_side, pad_token_id=self.pad_token_id,
                                          device=self.device)
 
+    def _built_batches(self, rollout: Rollout) -> list:
+        """``rollout``'s micro-batches, built once and kept while it is the rollout in use (its old and
+        reference log-probs and its ``num_iterations`` updates share them: a tree batch's trie and
+        kernel tables are worth not rebuilding)."""
+        if self._batches_of is not rollout:
+            self._batches_of, self._batches = rollout, [
+                self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
+                for prompts, _ in self._micro_batches(rollout)]
+        return self._batches
+
     def _logprobs(self, policies: list, rollout: Rollout) -> list:
-        """Per policy, its packed completion-token log-probs of each micro-batch (each batch built once)."""
+        """Per policy, its packed completion-token log-probs of each micro-batch."""
         out = [[] for _ in policies]
-        for prompts, _ in self._micro_batches(rollout):
-            batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
+        for batch in self._built_batches(rollout):
             for policy, per_batch in zip(policies, out):
                 per_batch.append(policy.logprobs(batch, self.config.temperature))
         return out
@@ -372,8 +382,8 @@ class GRPOTrainer:
         scale = self.world_size if globally_normalised else 1.0 / config.gradient_accumulation_steps
         self.model.train()
         sums = torch.zeros(6, dtype=torch.float64)  # loss, kl, clip_ratio, entropy (token-weighted), tokens x2
-        for index, (prompts, completions) in enumerate(self._micro_batches(rollout)):
-            batch = self._build_batch(rollout.prompt_ids[prompts], rollout.completion_ids[prompts])
+        for index, ((_, completions), batch) in enumerate(zip(self._micro_batches(rollout),
+                                                             self._built_batches(rollout))):
             extra = {}
             if rollout.old_logprobs is not None:
                 extra["old_per_token_logps"] = rollout.old_logprobs[index]
