@@ -2,7 +2,9 @@
 
 Without CUDA the Triton kernels run through Triton's interpreter (conftest.py), forward and backward.
 """
+import contextlib
 import math
+import re
 import warnings
 
 import pytest
@@ -14,7 +16,7 @@ from pyfastrl.kernels.launch_target import gpu_tiles, tile_target
 from pyfastrl.kernels.local_linear_attention import kernel, reference
 from pyfastrl.kernels.local_linear_attention.reference import naive_local_linear_attention
 from pyfastrl.nn import LocalLinearAttention
-from pyfastrl.ops.local_linear_attention import _backward_op, _forward_op
+from pyfastrl.ops.local_linear_attention import _backward_op, _deferred, _forward_op
 
 BACKENDS = ["torch", "triton"]
 # Max |got - float64 reference| / max |reference| for outputs and gradients (see assert_close).
@@ -476,6 +478,20 @@ def offset_keys(k, offset):
     return (k.detach().double() + offset * direction / direction.norm()).to(k.dtype).requires_grad_()
 
 
+@contextlib.contextmanager
+def solve_reports():
+    """The unconverged-solve reports (messages) of the op calls inside. By default the op reports a
+    solve on its next call (no host sync), so earlier calls' reports are flushed first and the
+    calls' own ones at the end."""
+    _deferred.report()
+    messages = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        yield messages
+        _deferred.report()
+    messages.extend(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+
+
 @pytest.mark.parametrize("offset, ridge_lambda", [(100.0, 1e-2), (10.0, 1e-3)])
 def test_triton_fp32_is_accurate_on_keys_with_a_large_common_offset(offset, ridge_lambda):
     """The kernels centre the keys at their mean: before they did, the raw moments cancelled and the
@@ -485,8 +501,14 @@ def test_triton_fp32_is_accurate_on_keys_with_a_large_common_offset(offset, ridg
     k = offset_keys(k, offset)
     ridge = torch.full((2,), ridge_lambda, device=DEVICE)
     grad_out = torch.randn_like(q)
-    got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-7)
+    with solve_reports() as reports:
+        got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-7)
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 16**-0.5), 1e-3)
+    # A few fp32 CG solves stagnate just above 1e-7 (about 8e-6 at offset 10, lambda 1e-3): reported as
+    # unconverged, never as failed.
+    for message in reports:
+        residual = float(re.search(r"relative residual up to ([0-9.e+-]+)", message).group(1))
+        assert "reached max_iterations" in message and residual < 1e-4, message
 
 
 @pytest.mark.parametrize("target, dtype", [("sm80", torch.float16), ("sm90", torch.bfloat16)])
@@ -498,11 +520,9 @@ def test_triton_half_precision_gpu_tiles_are_accurate_on_offset_keys(target, dty
         k = offset_keys(k, 100.0)
         ridge = torch.full((2,), 1e-2, device=DEVICE)
         grad_out = torch.randn_like(q)
-        # A solve tolerance the fp32 CG reaches on these keys (1e-7 ran out of iterations in fp16)
-        # and far below the 16-bit outputs' own error; any unconverged-solve warning fails the test.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
+        with solve_reports() as reports:  # 1e-5: far below the 16-bit outputs' own error
             got = op_and_grads(q, k, v, ridge, grad_out, backend="triton", tolerance=1e-5)
+    assert reports == []
     assert_close(got, reference_and_grads(q, k, v, ridge, grad_out, 16**-0.5), TOLERANCE[dtype])
 
 
