@@ -56,6 +56,13 @@ def _validated(prefix_lens, suffix_lens) -> tuple[tuple[int, ...], tuple[tuple[i
     return prefixes, tuple(suffixes)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to CUDA through pinned memory, so the host does not wait."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(values, 0) - values
 
@@ -119,9 +126,7 @@ class PrefixGroupLayout:
         groups, members = self.num_groups, self.num_members
         lengths = torch.tensor([*self.prefix_lens, *(s for ss in self.suffix_lens for s in ss), *self.group_sizes],
                                dtype=torch.long)
-        if self.device.type == "cuda":  # a pinned copy goes over without the host waiting for it
-            lengths = lengths.pin_memory()
-        prefix, suffix, sizes = lengths.to(self.device, non_blocking=True).split([groups, members, groups])
+        prefix, suffix, sizes = _to_device(lengths, self.device).split([groups, members, groups])
         member_group = _range_ids(sizes, members)
         first_member = _exclusive_cumsum(sizes)  # (B,) index of each group's first member
 

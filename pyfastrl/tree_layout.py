@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pyfastrl.layout import _as_length, _exclusive_cumsum, _heaviest_first, _range_ids, _ranges
+from pyfastrl.layout import _as_length, _exclusive_cumsum, _heaviest_first, _range_ids, _ranges, _to_device
 
 __all__ = ["PrefixTreeLayout"]
 
@@ -89,13 +89,6 @@ def _validated(parents, lengths) -> tuple[list[int], list[int]]:
             del path[path.index(parent) + 1:]
         path.append(i)
     return parents, lengths
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; from the host to CUDA through pinned memory, so the host does not wait."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def _merged_runs(segment: int, path: list[int], starts, lengths, offsets) -> list[list[int]]:

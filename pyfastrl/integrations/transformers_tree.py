@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pyfastrl.integrations import transformers as _pft
+from pyfastrl.layout import _to_device
 from pyfastrl.tree_layout import PrefixTreeLayout, _token_rows
 
 __all__ = ["TreeBatch", "build_tree_batch", "build_sequence_batch", "tree_completion_logprobs",
@@ -155,10 +156,8 @@ def build_tree_batch(sequences, completion_masks, *, device=None) -> TreeBatch:
     # slots receive the same id from each sequence through them).
     flat_packed = torch.cat(token_index)
     host = torch.cat([positions - 1, tokens[positions], counts, row_of * width + column, tokens])
-    if device.type == "cuda":
-        host = host.pin_memory()
     k = positions.numel()
-    predecessor, target_ids, completion_lens, output_index, tokens_dev = host.to(device, non_blocking=True).split(
+    predecessor, target_ids, completion_lens, output_index, tokens_dev = _to_device(host, device).split(
         [k, k, len(rows), k, tokens.numel()])
     input_ids = torch.empty(layout.total_tokens, dtype=torch.long, device=device).index_copy_(
         0, flat_packed, tokens_dev)
