@@ -142,21 +142,28 @@ def _check_inputs(q, k, v, layout, backend: str) -> None:
             f"build it with {type(layout).__name__}(..., device=q.device) or use layout.to(q.device)"
         )
     if backend == "triton":
-        kernel = _triton_kernels()
-        if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
-            raise ValueError(
-                f"{_OP}: backend 'triton' needs a head dim that is a multiple of 16 and at most "
-                f"{kernel.MAX_HEAD_DIM}, got D={head_dim}; use backend='torch'"
-            )
-        reason = kernel.unsupported_reason(q.dtype, head_dim, q.device)
-        if reason is not None:
-            raise TypeError(f"{_OP}: {reason}")
+        refusal = _triton_refusal(q)
+        if refusal is not None:
+            error, reason = refusal
+            raise error(f"{_OP}: {reason}")
         largest = largest_element_offset(q, k, v)
         if largest >= 2**31:
             raise ValueError(
                 f"{_OP}: backend 'triton' indexes with 32-bit offsets; q/k/v reach element offset {largest:,} "
                 "(>= 2**31): split the batch into several layouts"
             )
+
+
+def _triton_refusal(q: torch.Tensor) -> tuple[type, str] | None:
+    """Why the Triton kernels refuse ``q``'s head dim or dtype (on its device), with the error type
+    to raise, or None."""
+    kernel = _triton_kernels()
+    head_dim = q.shape[-1]
+    if head_dim % 16 != 0 or head_dim > kernel.MAX_HEAD_DIM:
+        return ValueError, (f"backend 'triton' needs a head dim that is a multiple of 16 and at most "
+                            f"{kernel.MAX_HEAD_DIM}, got D={head_dim}; use backend='torch'")
+    reason = kernel.unsupported_reason(q.dtype, head_dim, q.device)
+    return None if reason is None else (TypeError, reason)
 
 
 def _resolve_tree(requested: str, q: torch.Tensor) -> str:
@@ -178,11 +185,8 @@ def _resolve(requested: str, q: torch.Tensor, softcap=None, sliding_window=None,
     head_dim = q.shape[-1] if q.dim() else None
     backend = resolve_backend(op, requested, q.device, dtype=q.dtype, head_dim=head_dim, softcap=softcap,
                               sliding_window=sliding_window, check_device=False)
-    if requested == "auto" and backend == "triton" and q.dim() == 3:
-        kernel = _triton_kernels()
-        if (head_dim % 16 or head_dim > kernel.MAX_HEAD_DIM
-                or kernel.unsupported_reason(q.dtype, head_dim, q.device) is not None):
-            return "torch"
+    if requested == "auto" and backend == "triton" and q.dim() == 3 and _triton_refusal(q) is not None:
+        return "torch"
     return backend
 
 
