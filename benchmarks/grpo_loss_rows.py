@@ -82,7 +82,7 @@ def row_kernels(backend: str):
 
 
 def build_methods(cuda: bool):
-    from pyfastrl.kernels.grpo_loss import cuda as grpo_cuda
+    from pyfastrl.kernels import cuda_extension
     from pyfastrl.kernels.grpo_loss.reference import naive_grpo_loss
 
     def ours(backend):
@@ -102,7 +102,7 @@ def build_methods(cuda: bool):
     if not cuda:
         skipped.update(pyfastrl_cuda="CUDA only", pyfastrl_torch="the CPU run's pyfastrl is the torch backend")
     else:
-        reason = grpo_cuda.unavailable_reason(torch.device("cuda"))
+        reason = cuda_extension.device_unavailable_reason(torch.device("cuda"))
         if reason is None:
             methods["pyfastrl_cuda"] = ours("cuda")
             methods["row_kernels_cuda"] = row_kernels("cuda")

@@ -32,3 +32,14 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "built, but no CUDA device is visible"
     return None
+
+
+def device_unavailable_reason(device: torch.device) -> str | None:
+    """Why a ``"cuda"`` backend cannot run on ``device``'s tensors (extension missing, no GPU, not
+    CUDA tensors), or None: the device check of every op with one (``_backend.require_device``)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"the CUDA extension is {reason}"
+    if device.type != "cuda":
+        return f"its kernels need CUDA tensors (got device '{device}')"
+    return None

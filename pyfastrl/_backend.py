@@ -111,9 +111,9 @@ def require_device(op: str, backend: str, device: torch.device) -> None:
     if backend == "triton":
         reason = triton_unavailable_reason(device)
     elif backend == "cuda":
-        from pyfastrl.kernels.grpo_loss import cuda
+        from pyfastrl.kernels import cuda_extension
 
-        reason = cuda.unavailable_reason(device)
+        reason = cuda_extension.device_unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is not available: {reason}")
 

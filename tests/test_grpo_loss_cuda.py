@@ -19,6 +19,7 @@ import torch
 from cuda_host import build_host_check
 
 from pyfastrl import grpo_advantages, grpo_loss
+from pyfastrl.kernels import cuda_extension
 from pyfastrl.kernels.grpo_loss import cuda as grpo_cuda
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
@@ -221,7 +222,7 @@ def host_binding(host, monkeypatch):
         assert error is None, error.decode()
 
     monkeypatch.setattr(grpo_cuda.cuda_extension, "module", lambda: type("Host", (), {"grpo_advantages": launch}))
-    monkeypatch.setattr(grpo_cuda, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(grpo_cuda.cuda_extension, "device_unavailable_reason", lambda device: None)
     monkeypatch.setattr(grpo_cuda, "_launching_on", lambda device: contextlib.nullcontext(0))
 
 
@@ -302,7 +303,7 @@ def test_grpo_advantages_backends_are_checked():
 
 # -- on a GPU, with the extension built ------------------------------------------------------------------
 def _needs_extension():
-    reason = grpo_cuda.unavailable_reason(torch.device("cuda"))
+    reason = cuda_extension.device_unavailable_reason(torch.device("cuda"))
     if reason is not None:
         pytest.skip(f"CUDA backend: {reason}")
 

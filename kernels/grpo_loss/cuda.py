@@ -30,16 +30,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK = 2048  # csrc/grpo_loss/grpo_math.h kChunk
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the CUDA backend cannot run on ``device``, or None when it can."""
-    reason = cuda_extension.unavailable_reason()
-    if reason is not None:
-        return f"the CUDA extension is {reason}"
-    if device.type != "cuda":
-        return f"its kernels need CUDA tensors (got device '{device}')"
-    return None
-
-
 def _params(opts: LossOptions) -> tuple:
     """The options as the binding's flat arguments (loss .. tau_neg)."""
     kl = KL_CODES[opts.kl_estimator] if opts.beta != 0.0 else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pyfastrl._backend import require_device, resolve_backend
+from pyfastrl.kernels import cuda_extension
 from pyfastrl.kernels.grpo_loss import reference
 from pyfastrl.kernels.grpo_loss.reference import PARTIALS, LossOptions
 from pyfastrl.ops._grpo_common import (
@@ -19,7 +20,6 @@ from pyfastrl.ops._grpo_common import (
     bool_mask,
     check_tensor,
     check_triton_dtype,
-    cuda_kernels,
     implementation,
     loss_arguments,
     metrics,
@@ -231,7 +231,7 @@ def grpo_loss(
     validation = Validation(op, validate)
     # Rewards are normalised by the CUDA kernel with the cuda backend; where that cannot run,
     # require_device below says so after the remaining argument checks.
-    cuda_advantages = backend == "cuda" and cuda_kernels().unavailable_reason(device) is None
+    cuda_advantages = backend == "cuda" and cuda_extension.device_unavailable_reason(device) is None
     setup = LossSetup(op, per_token_logps, "per_token_logps", valid, cu_seqlens, dtype, validation,
                       advantages_backend="cuda" if cuda_advantages else "torch", **loss_arguments(locals()))
     same_shape(op, "entropies", entropies, per_token_logps, "per_token_logps")

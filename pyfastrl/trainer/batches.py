@@ -48,7 +48,7 @@ def build_micro_batch(prompt_ids: list, completion_ids: list, *, grouped: bool, 
         prompt_ids: list of P 1-D LongTensors (CPU). completion_ids: per prompt, a list of 1-D
             LongTensors. grouped: prefix-grouped (or tree) batches, else repeated ones (the trainer's
             ``use_prefix_grouping``, off for a local-linear-attention policy: ``attention.py``).
-            use_prefix_tree: a tree batch when that stores fewer tokens than the grouped one.
+            use_prefix_tree: a tree batch when the prompts share more than themselves.
             padding_side, pad_token_id: padding of the repeated batch. device: where the batch lives.
 
     Returns a ``RepeatedBatch``, ``TreeBatch`` or ``GroupedBatch``.
