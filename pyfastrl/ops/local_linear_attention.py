@@ -334,9 +334,10 @@ def local_linear_attention(
             stating the residual and the query heads (forward, or the backward's adjoint solve); the
             result is then the last iterate. A solve still at a relative residual >= 1 after at
             least D iterations, or NaN, has failed (fp32 CG diverges once the conditioning nears
-            1/eps): the message says so and names backend='torch' (float64) or a larger lambda. Without ``validate`` the warning comes without a host synchronisation:
-            the residual summary is copied to host memory asynchronously and the warning is issued
-            by a later call of this op (or at interpreter exit) once the copy has landed.
+            1/eps): the message says so and names backend='torch' (float64) or a larger lambda.
+            Without ``validate`` the warning comes without a host synchronisation: the residual
+            summary is copied to host memory asynchronously and the warning is issued by a later
+            call of this op (or at interpreter exit) once the copy has landed.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, PyTorch otherwise — fp32 on CUDA too;
             ``PYFASTRL_BACKEND`` overrides),
             ``"torch"`` or ``"triton"``.
@@ -345,8 +346,9 @@ def local_linear_attention(
             never waits for the GPU, and CUDA graphs can capture it): q, k, v free of NaN/inf and a
             tensor ``ridge_lambda`` positive and finite (ValueError otherwise), and the solves'
             residuals checked at once (the RuntimeWarning above, forward and backward, in the call
-            itself; a failed solve is a RuntimeError). Skipped while torch.compile traces. Shapes, dtypes, devices, head dims and
-            float arguments are always checked (no synchronisation needed).
+            itself; a failed solve is a RuntimeError). Skipped while torch.compile traces. Shapes,
+            dtypes, devices, head dims and float arguments are always checked (no synchronisation
+            needed).
 
     Returns:
         ``(B, T, Hq, D)`` in q's dtype (and the ``SolverStats`` when asked). Differentiable in q,
