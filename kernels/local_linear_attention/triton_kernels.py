@@ -120,27 +120,26 @@ def _centred_tile(k, centre):
 
 
 @triton.jit
-def _split_sum(x_hi, x_lo):
-    """Row sums of a ``_split`` tile (fp32: hi alone is the tile)."""
+def _split_value(x_hi, x_lo):
+    """The fp32 tile a ``_split`` pair stands for, with the split's own rounding (fp32: hi alone)."""
     if x_hi.dtype == tl.float32:
-        return tl.sum(x_hi, 1)
-    return tl.sum(x_hi.to(tl.float32) + x_lo.to(tl.float32), 1)
+        return x_hi
+    return x_hi.to(tl.float32) + x_lo.to(tl.float32)
 
 
 @triton.jit
 def _split_centre(x_hi, x_lo, x_scale, row_centre):
     """``x . c`` per row for a split row-scaled block x, with the split's own rounding: subtracted from
     ``_project``'s ``x . k`` it leaves ``x . (k - c)`` up to fp32 accumulation."""
-    if x_hi.dtype == tl.float32:
-        return tl.sum(x_hi * row_centre[None, :], 1) * x_scale
-    return tl.sum((x_hi.to(tl.float32) + x_lo.to(tl.float32)) * row_centre[None, :], 1) * x_scale
+    return tl.sum(_split_value(x_hi, x_lo) * row_centre[None, :], 1) * x_scale
 
 
 @triton.jit
 def _split_dot_centred(w_hi, w_lo, k, row_centre, acc, INTERPRETED: tl.constexpr):
     """``acc + (w_hi + w_lo) @ (k - c)`` for a ``_split`` weight tile (rows x keys), c subtracted by
     rows with the split's own row sums."""
-    return _split_dot(w_hi, w_lo, k, acc - _split_sum(w_hi, w_lo)[:, None] * row_centre[None, :], INTERPRETED)
+    row_sums = tl.sum(_split_value(w_hi, w_lo), 1)
+    return _split_dot(w_hi, w_lo, k, acc - row_sums[:, None] * row_centre[None, :], INTERPRETED)
 
 
 @triton.jit
