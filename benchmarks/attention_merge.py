@@ -123,14 +123,15 @@ def build_methods(cuda: bool) -> tuple[dict, dict]:
     if not cuda:
         return {"pyfastrl": TORCH_KERNELS}, {
             "pyfastrl_triton": "CUDA only (Triton kernels)", "torch_indexing": "the CPU run's pyfastrl is this PyTorch code"}
+    from pyfastrl.kernels import cuda_extension
     from pyfastrl.kernels.prefix_attention import merge, merge_cuda
 
     methods, skipped = {}, {}
-    reason = merge_cuda.unavailable_reason()
+    reason = cuda_extension.device_unavailable_reason(torch.device("cuda"))
     if reason is None:
         methods["pyfastrl"] = merge_cuda
     else:
-        skipped["pyfastrl"] = f"the CUDA extension is {reason}"
+        skipped["pyfastrl"] = reason
     methods.update(pyfastrl_triton=merge, torch_indexing=TORCH_KERNELS)
     return methods, skipped
 

@@ -185,11 +185,12 @@ def decode_cases(runner: harness.Runner) -> list:
         case = {"params": {"decode_L": length, "D": head_dim}, "work": {"input_sets": len(sets)}, "methods": {
             "pyfastrl_decode": {"fwd": runner.measure(lla, sets, flops=lla_work, nbytes=nbytes)},
             "sdpa_decode": {"fwd": runner.measure(softmax, sets, flops=softmax_work, nbytes=nbytes)}}, "skipped": {}}
-        if cuda_extension.unavailable_reason() is None:
+        reason = cuda_extension.device_unavailable_reason(runner.device)
+        if reason is None:
             case["methods"]["pyfastrl_decode_cuda"] = {"fwd": runner.measure(
                 lambda *inputs: lla(*inputs, backend="cuda"), sets, flops=lla_work, nbytes=nbytes)}
         else:
-            case["skipped"]["pyfastrl_decode_cuda"] = f"the CUDA extension is {cuda_extension.unavailable_reason()}"
+            case["skipped"]["pyfastrl_decode_cuda"] = reason
         ours, base = (case["methods"][m]["fwd"].get("ms") for m in ("pyfastrl_decode", "sdpa_decode"))
         if ours and base:
             case["lla_decode_over_softmax_decode"] = ours / base
